@@ -1,0 +1,373 @@
+"""GPT (the GPT-2 architecture), the KV-cache sampler, the chunked log-prob kernel, checkpoints.
+
+GPT-2's layout and parameter names (transformer.wte/wpe/h.N.attn.c_attn/...), so real GPT-2
+weights map onto it one to one. Learned positions are taken from the attention mask, so a
+left-padded batch gives every row the positions it would have alone.
+"""
+import dataclasses
+import math
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 1032
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    scalar_head: bool = False  # a linear head giving one number per position (reward / value)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask, cache, layer):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        p = self.dropout if self.training else 0.0
+        if mask is None:  # no padding before any real token: plain causal (the flash path)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+                                      c_proj=nn.Linear(4 * cfg.n_embd, cfg.n_embd)))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, cache, layer):
+        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer))
+        h = F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh")  # GPT-2's GELU
+        return x + self.drop(self.mlp.c_proj(h))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `length` positions are filled."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def keep(self, rows):
+        """Drop finished rows so they stop costing compute."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+def attention_mask(key_valid, T):
+    """(B, S) key validity -> (B, 1, T, S) bool mask for the last T queries: causal and no pads.
+
+    A query sitting on a pad would see no key at all and SDPA would return NaN, so every query
+    may always see its own position; outputs at pads are never used.
+    """
+    S = key_valid.shape[1]
+    q_pos = torch.arange(S - T, S, device=key_valid.device)[:, None]
+    causal = torch.arange(S, device=key_valid.device)[None, :] <= q_pos
+    mask = causal[None] & key_valid[:, None, :].bool()
+    mask |= torch.arange(S, device=key_valid.device)[None, None, :] == q_pos[None]
+    return mask[:, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd)))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings, as GPT-2
+        self.score_head = nn.Linear(cfg.n_embd, 1) if cfg.scalar_head else None
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def num_params(self, embeddings=True):
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, attn_mask=None, cache=None):
+        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f.
+
+        attn_mask (B, S) marks real tokens (S = cached + T when a cache is given); None means
+        no padding before any real token (right padding is fine: causality hides it).
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if attn_mask is None:
+            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            mask = None if past == 0 else attention_mask(torch.ones(B, past + T, device=idx.device), T)
+        else:
+            pos = (attn_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+            mask = attention_mask(attn_mask, T)
+        if past + T > self.config.block_size:  # shapes only: no host sync
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def logits(self, idx, attn_mask=None):
+        return self.lm_head(self(idx, attn_mask))
+
+    def score(self, hidden):
+        """The scalar head: one value per position (reward models and critics)."""
+        return self.score_head(hidden).squeeze(-1)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_k=0,
+                 top_p=1.0, stop_ids=(), pad_id=0, tool=None, generator=None):
+        """Batched sampling with a KV cache.
+
+        prompt_ids / prompt_mask: (B, P), left padded. Each row stops at its first stop token
+        (kept in the output). `tool` = (trigger_id, fn): when a row samples trigger_id,
+        fn(row's response ids so far) returns token ids that are inserted as if sampled (a tool's
+        output); they get sampled=0. temperature 0 is greedy.
+
+        Returns dict: tokens (B, N) (pad_id after a row's end), logprobs (B, N) of each sampled
+        token under the distribution it was drawn from (temperature, top-k, top-p applied; under
+        temperature 1 when greedy), sampled (B, N) 1 where the model chose the token, finished
+        (B,) whether the row hit a stop token.
+        """
+        B, P = prompt_ids.shape
+        dev = prompt_ids.device
+        if P + max_new_tokens > self.config.block_size:
+            max_new_tokens = self.config.block_size - P  # the model has no positions beyond
+        cache = KVCache(self.config, B, P + max_new_tokens, dev, self.transformer.wte.weight.dtype)
+        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=dev)
+        key_valid[:, :P] = prompt_mask.bool()
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        logps = torch.zeros(B, max_new_tokens, device=dev)
+        sampled = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        rows = torch.arange(B, device=dev)  # original index of each active row
+        forced = {}  # original row -> list of tokens still to insert
+        h = self(prompt_ids, key_valid[:, :P], cache)[:, -1]
+        for t in range(max_new_tokens):
+            logits = self.lm_head(h).float()
+            nxt, lp = sample_token(logits, temperature, top_k, top_p, generator)
+            is_sampled = torch.ones_like(nxt)
+            for i, r in enumerate(rows.tolist() if forced else []):
+                if forced.get(r):
+                    nxt[i], lp[i], is_sampled[i] = forced[r].pop(0), 0.0, 0
+            live = ~finished[rows]  # rows that ended but are not compacted away yet write nothing
+            tokens[rows[live], t] = nxt[live]
+            logps[rows[live], t], sampled[rows[live], t] = lp[live], is_sampled[live]
+            if tool is not None:
+                for i in ((nxt == tool[0]) & live & is_sampled.bool()).nonzero().flatten().tolist():
+                    r = int(rows[i])
+                    forced[r] = list(tool[1](tokens[r, :t + 1].tolist()))
+            finished[rows[torch.isin(nxt, stop) & is_sampled.bool() & live]] = True
+            if finished.all() or t == max_new_tokens - 1:
+                break
+            live = ~finished[rows]
+            if live.sum() <= 0.75 * len(rows):  # compact: finished rows stop costing compute
+                keep = live.nonzero().flatten()
+                rows, nxt, key_valid = rows[keep], nxt[keep], key_valid[keep]
+                cache.keep(keep)
+            key_valid[:, P + t] = True
+            h = self(nxt[:, None], key_valid[:, :P + t + 1], cache)[:, -1]
+        return dict(tokens=tokens, logprobs=logps, sampled=sampled, finished=finished)
+
+
+def sample_token(logits, temperature, top_k, top_p, generator=None):
+    """Sample one token per row; return it and its log-prob under the distribution used."""
+    if temperature == 0:
+        nxt = logits.argmax(-1)
+        return nxt, torch.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    logp = torch.log_softmax(logits, -1)
+    nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- log-prob kernel
+
+class _ChunkedLogprob(torch.autograd.Function):
+    """log softmax(h W^T / T)[target], computed chunk by chunk.
+
+    Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits. With
+    g the incoming gradient and p the softmax: dL/dlogits = g (onehot(target) - p) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, temperature, chunk):
+        lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        logp = torch.empty_like(lse)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk] @ w.t()).float() / temperature
+            lse[s:s + chunk] = torch.logsumexp(logits, -1)
+            logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, targets, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], chunk):
+            hs, gs = h[s:s + chunk], g[s:s + chunk].float()
+            p = torch.exp((hs @ w.t()).float() / T - lse[s:s + chunk, None])
+            d = p.mul_(-gs[:, None])
+            d.scatter_add_(1, targets[s:s + chunk, None], gs[:, None])
+            d = (d / T).to(h.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = d @ w
+            if grad_w is not None:
+                grad_w += (d.t() @ hs).float()
+        return grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), None, None, None
+
+
+@torch.no_grad()
+def _chunked_entropy(h, w, temperature, chunk):
+    out = torch.empty(h.shape[0], device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logp = torch.log_softmax((h[s:s + chunk] @ w.t()).float() / temperature, -1)
+        out[s:s + chunk] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=1024, entropy=False):
+    """Per-token log p(target) under softmax(hidden @ weight.T / temperature).
+
+    hidden (..., C), weight (V, C), targets (...) -> (...) float32. The (tokens x vocab) matrix
+    is never materialised whole: `chunk` rows at a time, in the forward and the backward.
+    Gradients flow to hidden and weight. With entropy=True also returns the per-token entropy
+    of the same distribution (no gradient: a logged diagnostic).
+    Example: the log-prob of the next tokens of ids under a model is
+    token_logprobs(model(ids)[:, :-1], model.lm_head.weight, ids[:, 1:]).
+    """
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    logp = _ChunkedLogprob.apply(h, weight, t, float(temperature), chunk).view(shape)
+    if entropy:
+        return logp, _chunked_entropy(h.detach(), weight.detach(), temperature, chunk).view(shape)
+    return logp
+
+
+def sequence_logprobs(model, ids, attn_mask=None, temperature=1.0, entropy=False):
+    """Log-probs of ids[:, 1:] given their prefixes: (B, T-1). The usual call of the kernel."""
+    h = model(ids[:, :-1], None if attn_mask is None else attn_mask[:, :-1])
+    return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, entropy=entropy)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+FORMAT = "poststack-checkpoint-v1"
+REQUIRED = ("format", "model", "model_config", "tokenizer", "stage")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path, model, tokenizer, stage, parent=None, config=None, metrics=None,
+                    optimizer=None, step=None, extra=None):
+    """One self-contained file: weights, model config, tokenizer, lineage, run config, metrics,
+    and (for --resume) optimizer state and step. Written to a temp file then renamed, so a crash
+    never leaves a half-written checkpoint under the real name."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    obj = dict(format=FORMAT, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+               model_config=dataclasses.asdict(model.config), tokenizer=tokenizer.state(),
+               stage=stage, parent=parent, config=config or {}, metrics=metrics or {},
+               optimizer=optimizer.state_dict() if optimizer is not None else None,
+               step=step, extra=extra or {})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load and validate a checkpoint. Returns its dict with 'model' a ready GPT (eval mode) and
+    'tokenizer' a data.Tokenizer. Raises CheckpointError naming the file and what is wrong."""
+    from data import Tokenizer
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint (run the stage that writes it first)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable, truncated or not a torch file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a poststack checkpoint (format tag missing or different)")
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    try:
+        model = GPT(GPTConfig(**obj["model_config"]))
+        model.load_state_dict(obj["model"])
+        obj["tokenizer"] = Tokenizer.from_state(obj["tokenizer"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: weights or tokenizer do not match the stored config ({e})") from None
+    obj["model"] = model.to(device).eval()
+    obj["path"] = path
+    return obj

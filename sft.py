@@ -1,0 +1,156 @@
+"""Supervised fine-tuning: teach the base model the chat format on demonstrations.
+
+The loss is next-token cross-entropy on assistant tokens only (the mask from data.render_chat):
+the model learns to answer, not to predict the user's question or the tool's output.
+
+    python sft.py [--init out/base.pt] [--out out/sft.pt] [--data conversations.jsonl] [--preset tiny|cpu|gpu]
+"""
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import tasks
+from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from data import DataError, as_messages, pad, read_jsonl, render_chat
+from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_logprobs
+
+DEFAULTS = dict(
+    init="out/base.pt", out="out/sft.pt", data=None, n_train=20000, n_val=200,
+    batch_size=64, grad_accum=1, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0,
+    eval_every=100, save_every=250, eval_tasks=25, stop_after=0, resume=False,
+    seed=0, device="auto", dtype="bf16", compile=False,
+)
+PRESETS = dict(
+    tiny=dict(n_train=200, n_val=16, batch_size=8, steps=10, eval_every=5, save_every=5, eval_tasks=2),
+    cpu=dict(),
+    gpu=dict(n_train=200000, batch_size=128, steps=4000, lr=3e-4, eval_every=500, save_every=1000,
+             eval_tasks=100),
+)
+
+
+def load_conversations(cfg):
+    """Training conversations: --data (messages or prompt/completion JSONL) or the built-in world."""
+    if cfg["data"] is None:
+        return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"])]
+    if not os.path.exists(cfg["data"]):
+        fail(f"{cfg['data']}: no such file")
+    try:
+        return [as_messages(r) for r in read_jsonl(cfg["data"], "sft")]
+    except DataError as e:
+        fail(str(e))
+
+
+def val_conversations(n):
+    """Clean reference answers to val-split tasks, for the val loss."""
+    per = max(1, n // len(tasks.FAMILIES))
+    return [t.messages() + t.reference for f in tasks.FAMILIES for t in tasks.make_tasks(f, "val", per, seed=7)]
+
+
+def encode_all(tok, conversations, block_size):
+    """Render every conversation; drop (and count) those that don't fit the context."""
+    rendered = [render_chat(tok, c) for c in conversations]
+    kept = [r for r in rendered if len(r[0]) <= block_size and sum(r[1]) > 0]
+    return kept, len(rendered) - len(kept)
+
+
+def make_batch(examples, idx, pad_id, device):
+    ids = pad([examples[i][0] for i in idx], pad_id).to(device)
+    mask = pad([examples[i][1] for i in idx], 0).to(device)
+    return ids, mask
+
+
+def masked_loss(model, ids, mask, denom):
+    """-sum of log-probs of the assistant tokens / denom. mask[:, 1:] marks targets ids[:, 1:]."""
+    return -(sequence_logprobs(model, ids) * mask[:, 1:]).sum() / denom
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, pad_id, device, batch_size=64):
+    model.eval()
+    total, count = 0.0, 0.0
+    for s in range(0, len(examples), batch_size):
+        ids, mask = make_batch(examples, range(s, min(s + batch_size, len(examples))), pad_id, device)
+        total += masked_loss(model, ids, mask, 1.0).item()
+        count += mask[:, 1:].sum().item()
+    model.train()
+    return total / max(count, 1)
+
+
+def main(argv=None):
+    cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
+    device, rank, world = setup(cfg)
+    t0 = time.time()
+    resuming = cfg["resume"] and os.path.exists(cfg["out"])
+    try:
+        ckpt = load_checkpoint(cfg["out"] if resuming else cfg["init"])
+    except CheckpointError as e:
+        fail(str(e))
+    model, tok = ckpt["model"].to(device).train(), ckpt["tokenizer"]
+    parent = ckpt["parent"] if resuming else cfg["init"]
+    block = model.config.block_size
+    train, dropped = encode_all(tok, load_conversations(cfg), block)
+    val, _ = encode_all(tok, val_conversations(cfg["n_val"]), block)
+    if not train:
+        fail(f"no training conversation fits the {block}-token context")
+    if dropped and rank == 0:
+        print(f"sft: dropped {dropped} conversations longer than {block} tokens")
+
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    start_step = 0
+    if resuming:
+        opt.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg["compile"]:
+        train_model = torch.compile(train_model)
+    log = MetricLog(cfg["out"], "sft", enabled=rank == 0, resume=resuming)
+
+    def save(step, metrics=None):
+        if rank == 0:
+            save_checkpoint(cfg["out"], model, tok, "sft", parent=parent, config=cfg, metrics=metrics,
+                            optimizer=opt, step=step)
+
+    bar = tqdm(range(start_step, cfg["steps"]), disable=rank != 0, desc="sft")
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
+        # the batch depends only on (seed, step): resume and DDP see the same global batch
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+        idx = torch.randint(0, len(train), (cfg["batch_size"],), generator=g)[rank::world].tolist()
+        ids, mask = make_batch(train, idx, tok.pad_id, device)
+        n_tokens = all_reduce_sum(mask[:, 1:].sum().float())
+        for mi, mm in zip(ids.chunk(cfg["grad_accum"]), mask.chunk(cfg["grad_accum"])):
+            with autocast(device, cfg["dtype"]):
+                loss = masked_loss(train_model, mi, mm, n_tokens / world)  # x world: DDP averages grads
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == cfg["steps"] - 1:
+            row = dict(loss=(all_reduce_sum(loss.detach()) / world).item(), grad_norm=norm.item(),
+                       lr=opt.param_groups[0]["lr"], tokens=n_tokens.item())
+            if (step + 1) % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
+                row["val_loss"] = evaluate_loss(model, val, tok.pad_id, device)
+            log.log(step, **row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if (step + 1) % cfg["save_every"] == 0:
+            save(step + 1)
+        if cfg["stop_after"] and step + 1 >= cfg["stop_after"]:
+            print(f"stopping after step {step + 1} as asked (--stop-after); --resume continues")
+            save(step + 1)
+            return
+
+    metrics = dict(val_loss=evaluate_loss(model, val, tok.pad_id, device), params=model.num_params())
+    if rank == 0 and cfg["eval_tasks"]:
+        import evaluate
+        model.eval()
+        metrics.update(evaluate.quick_eval(model, tok, cfg["eval_tasks"], split="val", device=device))
+    metrics["wall_s"] = time.time() - t0
+    save(cfg["steps"], metrics)
+    if rank == 0:
+        print("sft: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    main()
