@@ -20,7 +20,7 @@ from data import generate_responses
 from model import CheckpointError, load_checkpoint
 
 STAGES = ("base", "sft", "dpo", "ppo", "grpo", "rlvr", "student")
-MAX_NEW = {"math": 48, "code": 48, "tool": 40, "safety": 40}
+MAX_NEW = {"math": 96, "code": 48, "tool": 40, "safety": 40}
 
 
 def respond(model, tok, task_list, temperature=0.0, n=1, generator=None):

@@ -63,15 +63,44 @@ def split_of(prompt: str) -> str:
 
 # ---------------------------------------------------------------------------------------- math
 
+def _columns(a: int, op: str, b: int) -> tuple[list[str], int]:
+    """Column-by-column working of a op b, units first, as on paper.
+
+    A 1M-parameter model cannot learn 3-digit sums as lookups in minutes, but it can learn the
+    ~200 single-digit facts and to copy digits: so each column is one line 'x+y+carry=s'
+    (subtraction: 'x-y-borrow=d', writing the top digit as 1x when it borrows). The result line
+    is the last column's value followed by the other columns' units, leading zeros dropped.
+    """
+    n = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(n)[::-1], str(b).zfill(n)[::-1]
+    lines, digits, carry = [], [], 0
+    for i, (x, y) in enumerate(zip(da, db)):
+        x, y = int(x), int(y)
+        if op == "+":
+            s = x + y + carry
+            lines.append(f"{x}+{y}+{carry}={s}")
+            digits.append(str(s) if i == n - 1 else str(s % 10))
+            carry = s // 10
+        else:
+            d = x - y - carry
+            top = x + 10 if d < 0 else x
+            lines.append(f"{top}-{y}-{carry}={top - y - carry}")
+            digits.append(str(top - y - carry))
+            carry = int(d < 0)
+    result = int("".join(reversed(digits)))
+    return lines, result
+
+
 def _math_lines(nums: list[int], ops: list[str], slip: tuple[int, int] | None = None):
-    """Worked steps for nums[0] op nums[1] op ...; slip=(step, delta) adds delta to that step's
-    result and carries the error through, as a careless student would."""
+    """Worked steps for nums[0] op nums[1] op ...: each operation's columns, then its result line
+    'a+b=r'. slip=(step, delta) adds delta to that step's result and carries the error through,
+    as a careless student would."""
     cur, lines = nums[0], []
     for i, (op, b) in enumerate(zip(ops, nums[1:])):
-        new = cur + b if op == "+" else cur - b
+        cols, new = _columns(cur, op, b)
         if slip is not None and slip[0] == i:
-            new += slip[1]
-        lines.append(f"{cur}{op}{b}={new}")
+            new = max(0, new + slip[1])
+        lines += cols + [f"{cur}{op}{b}={new}"]
         cur = new
     return lines, cur
 
@@ -383,7 +412,8 @@ def pretrain_corpus(n_docs: int, seed: int = 0) -> list[str]:
     rng = random.Random(f"pretrain-{seed}")
     docs = []
     for _ in range(n_docs):
-        kind = rng.choices(("math", "code", "tool", "safety"), (0.4, 0.2, 0.2, 0.2))[0]
+        # calc lines teach only the call syntax (the products are unlearnable), so they get little room
+        kind = rng.choices(("math", "code", "tool", "safety"), (0.55, 0.2, 0.05, 0.2))[0]
         parts = []
         if kind == "tool":
             # calc lines only for train prompts: 'calc(a*b) = p' answers 'What is a*b?'
@@ -394,9 +424,9 @@ def pretrain_corpus(n_docs: int, seed: int = 0) -> list[str]:
             t = _sample_split(kind, "train", rng)
             parts.append(t.prompt + "\n" + t.reference[0]["content"])
         if kind == "math":
-            # bare facts likewise: '57+38=95' answers 'What is 57+38?', so train prompts only
-            facts = [_sample_split("math", "train", rng, steps=1) for _ in range(rng.randint(3, 6))]
-            parts.append("\n".join(t.reference[0]["content"].split("\n")[0] for t in facts))
+            # bare workings likewise ('7+8+0=15 ... 57+38=95' answers 'What is 57+38?'): train only
+            facts = [_sample_split("math", "train", rng, steps=1) for _ in range(rng.randint(2, 4))]
+            parts.append("\n".join(t.reference[0]["content"].rsplit("\n", 1)[0] for t in facts))
         docs.append("\n\n".join(parts))
     return docs
 

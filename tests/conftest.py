@@ -7,6 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tiny models on 2 shared cores: a second intra-op thread makes each forward ~100x slower.
+torch.set_num_threads(1)
 
 from data import Tokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

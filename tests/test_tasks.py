@@ -102,10 +102,25 @@ def test_math_references_are_right(digits, steps):
         if digits:
             assert all(len(o) == digits for o in operands)
         lines = t.reference_text().split("\n")
-        assert lines[-1] == f"Answer: {t.answer}" and len(lines) == len(operands)
-        for line, prev, new in zip(lines, vals, vals[1:]):
+        results = _result_lines(lines)
+        assert lines[-1] == f"Answer: {t.answer}" and len(results) == len(operands) - 1
+        for line, prev, new in zip(results, vals, vals[1:]):
             lhs, rhs = line.split("=")
             assert lhs.startswith(str(prev)) and int(rhs) == new == _fold(lhs)[-1]
+        for line in lines[:-1]:  # every column line is a true single-digit fact
+            lhs, rhs = line.split("=")
+            assert _fold(lhs)[-1] == int(rhs)
+
+
+def _result_lines(lines):
+    """The 'a+b=r' line closing each step (column lines have three terms: 'x+y+carry=s')."""
+    return [l for l in lines if re.fullmatch(r"\d+[+-]\d+=\d+", l)]
+
+
+def test_column_working_by_hand():
+    assert tasks._columns(347, "+", 285) == (["7+5+0=12", "4+8+1=13", "3+2+1=6"], 632)
+    assert tasks._columns(632, "-", 285) == (["12-5-0=7", "13-8-1=4", "6-2-1=3"], 347)
+    assert tasks._columns(95, "+", 87) == (["5+7+0=12", "9+8+1=18"], 182)
 
 
 def test_tool_reference_format():
@@ -220,7 +235,7 @@ def test_sft_noise_rates():
             kind = "math"
             if dref != cref:
                 vals = _fold(prompt[len("What is "):-1])
-                got = [int(line.split("=")[1]) for line in dref[0]["content"].split("\n")[:-1]]
+                got = [int(line.split("=")[1]) for line in _result_lines(dref[0]["content"].split("\n"))]
                 diffs = [g - v for g, v in zip(got, vals[1:])]
                 first = next(x for x in diffs if x != 0)
                 assert 1 <= abs(first) <= 10 and min(got) >= 0
