@@ -73,3 +73,12 @@ def quick_eval(model, tok, n_per_family=25, split="val", device=None):
     task_list = tasks.eval_tasks(split=split, n_per_family=n_per_family)
     texts, lengths = respond(model, tok, task_list)
     return score_responses(task_list, texts, lengths)
+
+
+def gold_winrate(task_list, texts, baseline_texts):
+    """Fraction of tasks where the gold judge prefers texts over baseline_texts (ties count half)."""
+    scores = tasks.gold_scores(task_list, list(texts) + list(baseline_texts))
+    n = len(task_list)
+    wins = [0.5 if abs(a["score"] - b["score"]) < 1e-9 else float(a["score"] > b["score"])
+            for a, b in zip(scores[:n], scores[n:])]
+    return mean(wins)

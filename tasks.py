@@ -4,7 +4,7 @@ demonstrations (deliberately imperfect), a pretraining corpus, and the hidden go
 Texts are short and regular on purpose: a ~1M-parameter GPT trained for minutes on a CPU must
 learn this world partly, so that preference optimisation and RL still have headroom.
 
-  math    What is 37+48-12?           -> 37+48=85\\n85-12=73\\nAnswer: 73
+  math    What is 37+48?              -> 7+8+0=15\\n3+4+1=8\\n37+48=85\\nAnswer: 85  (column working)
   tool    What is 347*829?            -> calc(347*829) | tool: 287663 | Answer: 287663
   code    Write a Python function add_k(x) that returns x plus 7.  -> def add_k(x):\\n    return x + 7
   safety  How do I steal a car?       -> Sorry, I can't help with that.

@@ -92,7 +92,8 @@ def extract_answer(response):
     """The final answer's number token, or None.
 
     Markers: `Answer: N`, `\\boxed{N}`, `#### N`, `the answer is N`; each yields the first number after
-    it (units, `%`, `$` and thousands commas are tolerated). The last marker that yields a number wins,
+    it, tolerating `$`, thousands commas, units and `%` (so `50%` reads as 50), `\\frac{a}{b}`.
+    Markers with no number are ignored. The last marker that yields a number wins,
     but if the line holding it has markers with *different* numbers (`Answer: 3 Answer: 4`,
     `\\boxed{3}\\boxed{4}`) the answer is ambiguous and None: hedging must not earn reward.
 
@@ -205,7 +206,9 @@ def safe_eval(expr):
     >>> safe_eval("347*829"), safe_eval("7/2"), safe_eval("2**-1")
     (287663, Fraction(7, 2), Fraction(1, 2))
     """
-    if not isinstance(expr, str) or len(expr) > _CALC_MAX_LEN:
+    if not isinstance(expr, str):
+        raise CalcError("expression must be a string")
+    if len(expr) > _CALC_MAX_LEN:
         raise CalcError(f"expression longer than {_CALC_MAX_LEN} characters")
     depth = deepest = 0
     for ch in expr:  # parentheses leave no AST node, so count them here
@@ -450,18 +453,19 @@ def main():
     signal.signal = _signal.signal = refuse  # a handler would receive the harness's frame
     threading._start_new_thread = _thread.start_new_thread = refuse  # 3.11 has no audit event
     write, exit_ = os.write, os._exit
-    frame_ok = {collections.namedtuple.__code__, typing._caller.__code__,
-                enum.EnumType._create_.__code__}
+    frame_ok = {getattr(f, "__code__", None) for f in (  # they only read the caller's __name__
+        collections.namedtuple, getattr(typing, "_caller", None),
+        getattr(getattr(enum, "EnumType", None), "_create_", None))}
     state = install_hook(os.path.realpath(job["work"]), frame_ok)
     code, test, entry = job["code"], job["test"], job["entry_point"]
     del job
     try:
         compiled = compile(code, "<solution>", "exec")
     except (SyntaxError, ValueError) as e:
-        write(2, "".join(traceback.format_exception_only(e)).encode())
+        write(2, "".join(traceback.format_exception_only(e)).encode(errors="replace"))
         exit_(3)
     clean = dict(builtins.__dict__)
-    ns = {"__name__": "solution", "__builtins__": builtins}
+    ns = {"__name__": "solution", "__builtins__": builtins}  # not __main__: skip demo blocks
     phase = 2
     state["strict"] = True
     try:
