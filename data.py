@@ -6,6 +6,7 @@ token, so a number's tokens are its digits and arithmetic is learnable by a tiny
 """
 import collections
 import json
+import os
 
 import regex
 import tiktoken
@@ -328,3 +329,86 @@ def generate_responses(model, tok, prompts, max_new_tokens=64, temperature=0.0, 
                sampled=cat("sampled", 0), finished=torch.cat([p["finished"] for p in parts]))
     out["texts"] = [completion_text(tok, row.tolist()) for row in out["tokens"]]
     return out
+
+
+def join_prompt_response(tok, prompt_ids, tokens, sampled):
+    """Prompts (list of id lists) + sampled responses (B, N) -> one batch for scoring.
+
+    Returns ids (B, P+N) with prompts left padded, attn_mask (B, P+N) 1 on real tokens, and
+    resp_mask (B, P+N-1) 1 on the *targets* ids[:, 1:] that the model sampled (not the prompt,
+    not padding, not tool-inserted tokens): the positions that policy gradients and KLs sum over.
+    """
+    p_ids, p_mask = pad_prompts(tok, prompt_ids)
+    tokens = tokens.to(p_ids.device)
+    ids = torch.cat([p_ids, tokens], 1)
+    attn = torch.cat([p_mask, (tokens != tok.pad_id).long()], 1)
+    resp = torch.cat([torch.zeros_like(p_mask), sampled.to(p_ids.device).long()], 1)[:, 1:]
+    return ids, attn, resp.float()
+
+
+# ----------------------------------------------------------------------------- GPT-2 files
+
+def _byte_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters used in vocab.json/merges.txt."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def _merge_parts(ranks, token, rank):
+    """The two tokens whose merge made `token`: BPE on its bytes using only merges below `rank`."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, 1 << 62), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def save_gpt2_tokenizer(tok, folder):
+    """Write vocab.json + merges.txt (+ special tokens) in GPT-2's format."""
+    enc = _byte_to_unicode()
+    to_str = lambda b: "".join(enc[x] for x in b)
+    vocab = {to_str(b): i for i, b in enumerate(tok.ranks)}
+    vocab.update(tok.special)
+    rank_of = {b: i for i, b in enumerate(tok.ranks)}
+    merges = []
+    for i, b in enumerate(tok.ranks):
+        if len(b) > 1:
+            parts = _merge_parts(rank_of, b, i)
+            if len(parts) != 2:
+                raise ValueError(f"token {i} {b!r} is not the merge of two earlier tokens")
+            merges.append(f"{to_str(parts[0])} {to_str(parts[1])}")
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({"additional_special_tokens": list(SPECIALS), "pad_token": "<|pad|>"}, f)
+    with open(os.path.join(folder, "poststack_tokenizer.json"), "w") as f:
+        json.dump({"pattern": tok.pattern, "name": tok.name}, f)
+
+
+def load_gpt2_tokenizer(folder):
+    """Read vocab.json in GPT-2's format. Tokens that are not byte sequences of the BPE
+    (<|endoftext|>, our chat specials) are left out of the ranks; our specials follow them."""
+    dec = {c: b for b, c in _byte_to_unicode().items()}
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    specials = set(SPECIALS) | {"<|endoftext|>"}
+    ranks = [None] * len(vocab)
+    for s, i in vocab.items():
+        if s not in specials:
+            ranks[i] = bytes(dec[c] for c in s)
+    ranks = ranks[:next((i for i, r in enumerate(ranks) if r is None), len(ranks))]
+    meta_path = os.path.join(folder, "poststack_tokenizer.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    gpt2_pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return Tokenizer(ranks, meta.get("pattern", gpt2_pattern), meta.get("name", "gpt2"))

@@ -45,25 +45,29 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def score_responses(task_list, texts, lengths):
-    """The headline metrics of one set of responses (one per task), judged by the gold judge."""
+def outcomes(task_list, texts):
+    """Per-task 0/1 outcomes of each headline metric (a metric lists only the tasks it covers),
+    judged by the gold judge; the lists are what confidence intervals and the gate resample."""
     gold = tasks.gold_scores(task_list, texts)
-    fam = lambda f, key: [g[key] for t, g in zip(task_list, gold) if t.family == f]
-    m = dict(format=mean(g["format"] for g in gold), gold_score=mean(g["score"] for g in gold))
-    if fam("math", "correct"):
-        m["math_acc"] = mean(fam("math", "correct"))
-    if fam("code", "correct"):
-        m["code_pass1"] = mean(fam("code", "correct"))
-    tool = [(t, x) for t, x in zip(task_list, texts) if t.family == "tool"]
-    if tool:  # a tool task counts only when solved through well-formed calculator calls
-        m["tool_acc"] = mean(verifiers.verify_tool(x, t.answer) for t, x in tool)
-        m["tool_call_rate"] = mean("calc(" in x for t, x in tool)
-    unsafe = [tasks.is_refusal(x) for t, x in zip(task_list, texts) if t.family == "safety" and t.unsafe]
-    safe = [tasks.is_refusal(x) for t, x in zip(task_list, texts) if t.family == "safety" and not t.unsafe]
-    if unsafe:
-        m["refusal_unsafe"] = mean(unsafe)
-    if safe:
-        m["overrefusal_safe"] = mean(safe)
+    out = {"format": [g["format"] for g in gold], "gold_score": [g["score"] for g in gold]}
+    for t, x, g in zip(task_list, texts, gold):
+        if t.family == "math":
+            out.setdefault("math_acc", []).append(g["correct"])
+        elif t.family == "code":
+            out.setdefault("code_pass1", []).append(g["correct"])
+        elif t.family == "tool":  # solved through well-formed calculator calls, not guessed
+            out.setdefault("tool_acc", []).append(verifiers.verify_tool(x, t.answer))
+            out.setdefault("tool_call_rate", []).append("calc(" in x)
+        elif t.unsafe:
+            out.setdefault("refusal_unsafe", []).append(tasks.is_refusal(x))
+        else:
+            out.setdefault("overrefusal_safe", []).append(tasks.is_refusal(x))
+    return {k: [float(v) for v in vs] for k, vs in out.items()}
+
+
+def score_responses(task_list, texts, lengths):
+    """The headline metrics (means of the outcomes) of one set of responses, one per task."""
+    m = {k: mean(v) for k, v in outcomes(task_list, texts).items()}
     m["mean_len"] = mean(lengths)
     return m
 
@@ -82,3 +86,206 @@ def gold_winrate(task_list, texts, baseline_texts):
     wins = [0.5 if abs(a["score"] - b["score"]) < 1e-9 else float(a["score"] > b["score"])
             for a, b in zip(scores[:n], scores[n:])]
     return mean(wins)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def wilson(k, n, z=1.96):
+    """Wilson score interval for k successes in n trials (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_bootstrap(a, b, n_boot=2000, seed=0):
+    """95% interval of mean(b) - mean(a) for per-task outcomes measured on the same tasks."""
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(a), (n_boot, len(a)), generator=g)
+    diffs = (b[idx] - a[idx]).mean(1)
+    return float(torch.quantile(diffs, 0.025)), float(torch.quantile(diffs, 0.975))
+
+
+# ----------------------------------------------------------------------------- per checkpoint
+
+@torch.no_grad()
+def kl_to_reference(model, ref_model, tok, task_list, generator=None):
+    """KL(pi || pi_ref) per response, estimated on samples from pi at temperature 1:
+    mean over responses of sum over sampled tokens of log pi - log pi_ref (the k1 estimator)."""
+    from data import generate_responses, join_prompt_response
+    from model import sequence_logprobs
+    out = generate_responses(model, tok, [t.prompt for t in task_list], 64, 1.0, generator=generator)
+    ids, attn, resp = join_prompt_response(tok, out["prompt_ids"], out["tokens"], out["sampled"])
+    device = next(model.parameters()).device
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
+    logp = sequence_logprobs(model, ids, attn)
+    ref_logp = sequence_logprobs(ref_model, ids, attn)
+    return float(((logp - ref_logp) * resp).sum(1).mean())
+
+
+def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu"):
+    """One row of the table plus the per-task outcomes and responses behind it."""
+    ckpt = load_checkpoint(path, device)
+    model, tok = ckpt["model"], ckpt["tokenizer"]
+    texts, lengths = respond(model, tok, task_list)
+    outs = outcomes(task_list, texts)
+    row = {k: mean(v) for k, v in outs.items()}
+    row["mean_len"], row["params"] = mean(lengths), model.num_params()
+    row["ci"] = {k: wilson(sum(v), len(v)) for k, v in outs.items() if k not in ("gold_score",)}
+    if sft is not None:
+        row["gold_winrate_vs_sft"] = gold_winrate(task_list, texts, sft["texts"])
+        if model.config.vocab_size == sft["model"].config.vocab_size:
+            g = torch.Generator(device=device).manual_seed(0)
+            row["kl_to_sft"] = kl_to_reference(model, sft["model"], tok, task_list, g)
+    if rm is not None:
+        row["rm_score"] = float(rm([t.prompt for t in task_list], texts).mean())
+    return row, outs, texts
+
+
+# ----------------------------------------------------------------------------- report
+
+COLUMNS = ("format", "math_acc", "code_pass1", "tool_acc", "refusal_unsafe", "overrefusal_safe",
+           "gold_winrate_vs_sft", "rm_score", "kl_to_sft", "mean_len", "params")
+
+
+def format_table(rows):
+    """Markdown table; accuracies with their 95% Wilson interval."""
+    lines = ["| stage | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, row in rows.items():
+        cells = []
+        for c in COLUMNS:
+            v = row.get(c)
+            if v is None or v != v:
+                cells.append("–")
+            elif c == "params":
+                cells.append(f"{v / 1e6:.2f}M")
+            elif c in ("mean_len", "kl_to_sft", "rm_score"):
+                cells.append(f"{v:.2f}")
+            elif c in row.get("ci", {}):
+                lo, hi = row["ci"][c]
+                cells.append(f"{v:.2f} ({lo:.2f}–{hi:.2f})")
+            else:
+                cells.append(f"{v:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir, rows, wall_s, n_per_family):
+    report = {"rows": rows, "wall_s": wall_s, "n_per_family": n_per_family}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = format_table(rows)
+    total = sum(wall_s.values()) if wall_s else 0.0
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family, greedy decoding; "
+                f"95% Wilson intervals in brackets.\n\n{table}\n\n")
+        if wall_s:
+            f.write("Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in wall_s.items())
+                    + f"; total {total:.0f}\n")
+    return table
+
+
+def plot_curves(out_dir):
+    """PNG of each stage's training curves from its metrics JSONL, when matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    for name in os.listdir(out_dir):
+        if not name.endswith(".jsonl") or name.startswith("prefs"):
+            continue
+        rows = [json.loads(l) for l in open(os.path.join(out_dir, name)) if l.strip()]
+        keys = [k for k in rows[0] if k not in ("stage", "step", "time") and isinstance(rows[0][k], (int, float))][:6]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            ax.plot(*zip(*pts))
+            ax.set_title(k, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name[:-6] + "_curves.png"), dpi=80)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- gate
+
+GATE_METRICS = {"format": 1, "math_acc": 1, "code_pass1": 1, "tool_acc": 1, "refusal_unsafe": 1,
+                "overrefusal_safe": -1}  # +1: higher is better
+
+
+def gate(baseline_path, candidate_path, n_per_family, max_drop, device="cpu"):
+    """Fail (return False) when the candidate is significantly worse than the baseline on any
+    headline metric: the paired-bootstrap 95% interval of the change lies wholly on the bad side
+    AND the point change is worse than max_drop. Same test tasks for both."""
+    task_list = tasks.eval_tasks("test", n_per_family)
+    _, base, _ = evaluate_checkpoint(baseline_path, task_list, device=device)
+    _, cand, _ = evaluate_checkpoint(candidate_path, task_list, device=device)
+    print(f"gate rule: fail if, for any metric, the 95% paired-bootstrap interval of the change is "
+          f"entirely worse than 0 and the change is worse than {max_drop:.2f}")
+    ok = True
+    for name, sign in GATE_METRICS.items():
+        if name not in base or name not in cand:
+            continue
+        lo, hi = paired_bootstrap(base[name], cand[name])
+        change = mean(cand[name]) - mean(base[name])
+        worse = (hi < 0 if sign > 0 else lo > 0) and sign * change < -max_drop
+        ok &= not worse
+        print(f"  {name:18s} {mean(base[name]):.3f} -> {mean(cand[name]):.3f}  change {change:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}]  {'REGRESSION' if worse else 'ok'}")
+    print("gate: " + ("PASS" if ok else "FAIL"))
+    return ok
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate (default: every stage in --out-dir)")
+    ap.add_argument("--out-dir", default="out")
+    ap.add_argument("--n", type=int, default=50, help="test tasks per family")
+    ap.add_argument("--gate", nargs=2, metavar=("BASELINE", "CANDIDATE"))
+    ap.add_argument("--max-drop", type=float, default=0.02)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    try:
+        if args.gate:
+            sys.exit(0 if gate(*args.gate, args.n, args.max_drop, args.device) else 1)
+        paths = args.checkpoints or [os.path.join(args.out_dir, f"{s}.pt") for s in STAGES
+                                     if os.path.exists(os.path.join(args.out_dir, f"{s}.pt"))]
+        if not paths:
+            sys.exit(f"error: no checkpoints given and none found in {args.out_dir}/")
+        task_list = tasks.eval_tasks("test", args.n)
+        sft_path = os.path.join(args.out_dir, "sft.pt")
+        sft = None
+        if os.path.exists(sft_path):
+            sft = load_checkpoint(sft_path, args.device)
+            sft["texts"], _ = respond(sft["model"], sft["tokenizer"], task_list)
+        rm_path = os.path.join(args.out_dir, "rm.pt")
+        rm = None
+        if os.path.exists(rm_path):
+            from reward import load_reward_model
+            rm = load_reward_model(rm_path)
+        rows = {}
+        for path in paths:
+            t0 = time.time()
+            name = os.path.splitext(os.path.basename(path))[0]
+            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device)
+            print(f"evaluated {name} in {time.time() - t0:.0f}s")
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    wall_path = os.path.join(args.out_dir, "pipeline.json")
+    wall_s = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else {}
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(write_report(args.out_dir, rows, wall_s, args.n))
+    plot_curves(args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -350,6 +350,10 @@ def load_checkpoint(path, device="cpu"):
     """Load and validate a checkpoint. Returns its dict with 'model' a ready GPT (eval mode) and
     'tokenizer' a data.Tokenizer. Raises CheckpointError naming the file and what is wrong."""
     from data import Tokenizer
+    if str(path).startswith("gpt2:"):  # --init gpt2:DIR, a Hugging Face GPT-2 folder
+        ckpt = load_hf_gpt2(str(path)[5:])
+        ckpt["model"] = ckpt["model"].to(device)
+        return ckpt
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint (run the stage that writes it first)")
     try:
@@ -371,3 +375,74 @@ def load_checkpoint(path, device="cpu"):
     obj["model"] = model.to(device).eval()
     obj["path"] = path
     return obj
+
+
+# ----------------------------------------------------------------------------- GPT-2 / Hugging Face
+
+# Hugging Face's GPT-2 stores these as Conv1D weights, (in, out): the transpose of nn.Linear's.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_gpt2(folder):
+    """A GPT-2 in Hugging Face format (config.json + pytorch_model.bin or model.safetensors,
+    vocab.json) -> a checkpoint dict like load_checkpoint's. Embedding rows are added for chat
+    special tokens the file doesn't have (initialised to the mean embedding)."""
+    import json
+    from data import load_gpt2_tokenizer
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    tok = load_gpt2_tokenizer(folder)
+    st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(st_path):
+        from safetensors.torch import load_file  # optional dependency, only for this format
+        state = load_file(st_path)
+    else:
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                    n_head=hf["n_head"], n_embd=hf["n_embd"])
+    model = GPT(cfg)
+    ours = model.state_dict()
+    for key in ours:
+        src = key.removeprefix("transformer.")
+        if key == "lm_head.weight":
+            continue  # tied to wte
+        w = state[src]
+        if src.endswith(CONV1D):
+            w = w.t()
+        if src == "wte.weight" and w.shape[0] < cfg.vocab_size:  # new rows for the chat specials
+            w = torch.cat([w, w.mean(0, keepdim=True).expand(cfg.vocab_size - w.shape[0], -1)])
+        ours[key] = w[:cfg.vocab_size] if src == "wte.weight" else w
+    model.load_state_dict(ours)
+    return dict(model=model.eval(), tokenizer=tok, stage="gpt2", parent=folder, config={}, metrics={},
+                optimizer=None, step=None, extra={}, path=folder)
+
+
+def export_hf(model, tok, folder):
+    """Write a checkpoint's model and tokenizer in Hugging Face GPT-2 format."""
+    import json
+    from data import save_gpt2_tokenizer
+    os.makedirs(folder, exist_ok=True)
+    c = model.config
+    config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
+                  n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                  n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                  bos_token_id=tok.bos_id, eos_token_id=tok.end_id, pad_token_id=tok.pad_id)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("score_head"):
+            continue
+        state[k] = (v.t() if k.endswith(CONV1D) else v).contiguous().clone()
+    torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+    save_gpt2_tokenizer(tok, folder)
+
+
+if __name__ == "__main__":  # python model.py export CKPT DIR
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        sys.exit("usage: python model.py export CHECKPOINT.pt OUTPUT_DIR   (Hugging Face GPT-2 format)")
+    ck = load_checkpoint(sys.argv[2])
+    export_hf(ck["model"], ck["tokenizer"], sys.argv[3])
+    print(f"exported {sys.argv[2]} to {sys.argv[3]} (config.json, pytorch_model.bin, vocab.json, merges.txt)")

@@ -16,7 +16,9 @@ its own session so the whole group is killed at the wall timeout, a temp dir rem
                 gi_frame, settrace, gc.get_objects), so the per-run success nonce stays hidden.
                 passed = exit code 0 AND the nonce printed after check(candidate) returned, so
                 sys.exit(0) / os._exit(0) / printing "PASSED" before the checks do not pass.
-                The test sees the builtins as they were before the solution ran (no `builtins.type = ...`).
+                The test sees the builtins as they were before the solution ran (no `builtins.type = ...`);
+                in-place patches to other modules (`math.isclose = ...`) are not undone. Code that needs
+                frames (logging, inspect.stack) or threads fails inside the sandbox.
   as root       the above, enforced by the kernel as well: the child drops to a fresh unprivileged uid
                 (so NPROC=1 means no fork at all and other runs can't be signalled), lives in new mount and
                 network namespaces (loopback down: connect is refused), sees /tmp, /var/tmp, /dev/shm
@@ -370,15 +372,14 @@ def isolate(job):
         del sys.modules[m]
 
 def install_hook(work, frame_ok):
-    state = {"strict": False, "frames": False, "busy": False}
+    state = {"strict": False, "report": False, "busy": False}
     getframe, realpath, isdir = sys._getframe, os.path.realpath, os.path.isdir
     blocked = {"os.system", "os.fork", "os.forkpty", "os.exec", "os.spawn", "os.posix_spawn",
                "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
                "_thread.start_new_thread", "gc.get_objects", "gc.get_referrers",
                "gc.get_referents", "sys.addaudithook", "code.__new__",
-               "cpython.PyInterpreterState_New"}
-    frame_events = {"sys._current_frames", "sys._current_exceptions", "sys.settrace",
-                    "sys.setprofile", "tb_frame", "gi_frame", "cr_frame", "ag_frame"}
+               "cpython.PyInterpreterState_New", "sys._current_frames",
+               "sys._current_exceptions", "sys.settrace", "sys.setprofile"}
     bad_modules = {"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
                    "_testinternalcapi", "cffi"}
     dir_fd_at = {"os.remove": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.mkdir": 2, "os.symlink": 2,
@@ -395,11 +396,10 @@ def install_hook(work, frame_ok):
     def check(event, args):
         if event in blocked or event.startswith(("socket.", "ctypes.")):
             return False
-        if event == "object.__getattr__":  # tb_frame & co; reading __code__ is fine
-            event = args[1]
-        if event in frame_events or event == "sys._getframe":
-            return (state["frames"] or event == "sys._getframe"
-                    and getframe(2).f_code in frame_ok)
+        if event == "sys._getframe":
+            return getframe(2).f_code in frame_ok
+        if event == "object.__getattr__":  # tb_frame & co lead to frames; __code__ is fine
+            return state["report"] or args[1] not in ("tb_frame", "gi_frame", "cr_frame", "ag_frame")
         if event == "object.__setattr__":
             return args[1] != "__code__"
         if event == "import":
@@ -484,7 +484,7 @@ def main():
             tns["check"](candidate)
     except BaseException as e:
         nonce = None  # drop the secret before any solution-defined __str__ runs
-        state["frames"] = True
+        state["report"] = True  # traceback formatting reads tb_frame
         status = 4 if isinstance(e, MemoryError) else 5 if isinstance(e, SystemExit) else phase
         try:
             text = "".join(traceback.format_exception(e))
@@ -499,8 +499,10 @@ main()
 '''
 
 
-def _result(passed, reason, detail=""):
-    return {"passed": passed, "reason": reason, "detail": detail.strip()[-500:]}
+def _result(passed, reason, tail="", note=""):
+    """detail = note, then as much of the output's tail as fits in 500 characters."""
+    tail = tail.strip()[-(499 - len(note)):] if note else tail.strip()[-500:]
+    return {"passed": passed, "reason": reason, "detail": f"{note}\n{tail}".strip()[:500]}
 
 
 def _read_head(f):
@@ -545,17 +547,16 @@ def _sandbox(code, test, entry_point, timeout, memory_mb):
     rc = proc.returncode
     tail = stderr.decode(errors="replace") or stdout.decode(errors="replace")
     if too_long or rc == -signal.SIGXFSZ:
-        return _result(False, "output_limit", f"output over {_OUTPUT_LIMIT} bytes\n{tail[-300:]}")
+        return _result(False, "output_limit", tail, f"output over {_OUTPUT_LIMIT} bytes")
     if timed_out or rc == -signal.SIGXCPU:
-        return _result(False, "timeout", f"killed after {timeout:g}s\n{tail}")
+        return _result(False, "timeout", tail, f"killed after {timeout:g}s")
     if rc == 0 and nonce.encode() in stdout.split():
         return _result(True, "passed")
     if rc < 0:
         reason = "memory" if rc == -signal.SIGKILL else "error"  # SIGKILL we didn't send: OOM killer
-        return _result(False, reason, f"killed by {signal.Signals(-rc).name}\n{tail}")
-    if rc == 0:
-        tail = "exited with status 0 before the checks finished\n" + tail
-    return _result(False, _EXIT_REASONS.get(rc, "error"), tail)
+        return _result(False, reason, tail, f"killed by signal {-rc}")
+    note = "exited with status 0 before the checks finished" if rc == 0 else ""
+    return _result(False, _EXIT_REASONS.get(rc, "error"), tail, note)
 
 
 def run_code(code, test, entry_point, timeout=3.0, memory_mb=512):
@@ -568,7 +569,7 @@ def run_code(code, test, entry_point, timeout=3.0, memory_mb=512):
     try:
         return _sandbox(str(code), str(test), str(entry_point), float(timeout), int(memory_mb))
     except Exception as e:
-        return _result(False, "error", f"sandbox failure: {e!r}")
+        return _result(False, "error", note=f"sandbox failure: {e!r}"[:200])
 
 
 def run_code_batch(items, workers=4):
@@ -578,7 +579,7 @@ def run_code_batch(items, workers=4):
             return run_code(item["code"], item["test"], item["entry_point"],
                             item.get("timeout", 3.0), item.get("memory_mb", 512))
         except Exception as e:
-            return _result(False, "error", f"bad item: {e!r}")
+            return _result(False, "error", note=f"bad item: {e!r}"[:200])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, items))
 

@@ -55,3 +55,25 @@ def model(tok):
             elif p.dim() == 2:
                 p.normal_(0, 2.0 / p.shape[1] ** 0.5)
     return m.eval()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *args, check=True):
+    """Run a stage script as users do (a fresh process), returning the CompletedProcess."""
+    import subprocess
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory):
+    """base.pt and sft.pt from the tiny presets, made once per test session."""
+    d = tmp_path_factory.mktemp("tiny")
+    run_script("pretrain.py", "--preset", "tiny", "--out", d / "base.pt")
+    run_script("sft.py", "--preset", "tiny", "--init", d / "base.pt", "--out", d / "sft.pt")
+    return d

@@ -1,0 +1,298 @@
+"""Reward model: a Bradley-Terry scorer of responses, trained on gold-labelled preference pairs.
+
+The pairs come from the SFT model itself: two samples per train prompt at temperature ~1, and
+the one the hidden gold judge scores higher is `chosen` (ties dropped). The reward model is the
+SFT network plus a scalar head; it reads one number at the last real token of prompt+response
+and learns P(chosen beats rejected) = sigmoid(r_c - r_r). Its output is then normalised to
+mean 0 / std 1 over SFT samples, so PPO / GRPO see rewards on a known scale.
+
+    python reward.py [--init out/sft.pt] [--out out/rm.pt] [--data prefs.jsonl] [--preset tiny|cpu|gpu]
+
+Other stages use it through `load_reward_model(path)(prompts, responses) -> rewards`.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tasks
+from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from data import DataError, pad, read_jsonl, render_chat, response_messages
+from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
+
+DEFAULTS = dict(
+    init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=400, val_frac=0.1,
+    temperature=1.0, label_noise=0.0, batch_size=32, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
+    grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
+)
+PRESETS = dict(
+    tiny=dict(n_prompts=24, n_val_prompts=8, batch_size=4, epochs=1, warmup=1),
+    cpu=dict(),
+    gpu=dict(n_prompts=2400, n_val_prompts=800, batch_size=64, epochs=3, lr=3e-4, warmup=20),
+)
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+def sample_preference_pairs(model, tok, n_prompts, seed, temperature=1.0, label_noise=0.0, split="train"):
+    """Gold-labelled pairs from the model's own samples -> list of dict(prompt, chosen, rejected, family).
+
+    n_prompts prompts of `split`, an equal share from each task family; two samples per prompt
+    (the calculator runs while sampling, so tool responses hold the tool turns as special-token
+    text, exactly as data.generate_responses decodes them). chosen = the higher gold score; ties
+    carry no preference and are dropped; with probability label_noise a pair is flipped (noisy
+    annotators, for studying cDPO / robust DPO).
+    """
+    import evaluate  # lazy: evaluate imports the stage scripts' world, not the other way round
+    shares = [n_prompts // len(tasks.FAMILIES) + (i < n_prompts % len(tasks.FAMILIES))
+              for i in range(len(tasks.FAMILIES))]
+    task_list = [t for f, n in zip(tasks.FAMILIES, shares) if n for t in tasks.make_tasks(f, split, n, seed)]
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    texts, _ = evaluate.respond(model.eval(), tok, task_list, temperature, n=2, generator=g)
+    gold = tasks.gold_scores([t for t in task_list for _ in range(2)], texts)
+    rng = random.Random(f"label-noise-{seed}")
+    pairs = []
+    for i, task in enumerate(task_list):
+        (a, sa), (b, sb) = (texts[2 * i], gold[2 * i]["score"]), (texts[2 * i + 1], gold[2 * i + 1]["score"])
+        if abs(sa - sb) < 1e-9:
+            continue
+        if sb > sa:
+            a, b = b, a
+        if rng.random() < label_noise:
+            a, b = b, a
+        pairs.append(dict(prompt=task.prompt, chosen=a, rejected=b, family=task.family))
+    return pairs
+
+
+def write_pairs(path, pairs):
+    """The pairs in the preference JSONL format (family kept as an extra field), for inspection
+    and for reuse with --data."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+
+
+def load_pairs(path):
+    """--data: preference JSONL, validated line by line (a bad line exits naming file:line)."""
+    if not os.path.exists(path):
+        fail(f"{path}: no such file")
+    try:
+        records = read_jsonl(path, "pref")
+    except DataError as e:
+        fail(str(e))
+    return [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], family=str(r.get("family", "data")))
+            for r in records]
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def render_response(tok, prompt, response):
+    """(prompt, decoded response) -> render_chat's (ids, mask) of the whole conversation.
+
+    response_messages turns '..<|call|><|tool|>R<|end|><|assistant|>..' text back into turns, so
+    the tool tokens become the real special tokens the sampler produced (not the ordinary tokens
+    of the string '<|call|>'), and the tool output gets mask 0.
+    """
+    return render_chat(tok, [{"role": "user", "content": prompt}] + response_messages(response))
+
+
+def encode_pairs(tok, pairs, block_size):
+    """Render both sides of every pair; drop (and count) pairs that don't fit the context."""
+    out = []
+    for p in pairs:
+        c, r = render_response(tok, p["prompt"], p["chosen"]), render_response(tok, p["prompt"], p["rejected"])
+        if max(len(c[0]), len(r[0])) <= block_size:
+            out.append(dict(chosen=c[0], rejected=r[0], family=p.get("family", "data")))
+    return out, len(pairs) - len(out)
+
+
+def last_token_scores(model, ids, lengths):
+    """The scalar head read at the last real token of each right-padded row: (B,).
+
+    Right padding needs no attention mask (causality hides the pads from every real token) and
+    the last real token is the only one that has seen the whole response.
+    """
+    scores = model.score(model(ids)).float()
+    return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)
+
+
+def bt_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
+    """Bradley-Terry reward-model loss per pair:
+
+        L = -log sigmoid(r_c - r_r - m) + eta * (r_c + r_r)^2
+
+    The first term is the BT likelihood (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022,
+    eq. 1) with an optional margin m (Llama 2, Touvron et al. 2023, eq. 2). The second is reward
+    centring (Eisenstein et al. 2023, "Helping or Herding?"): BT only sees differences, so
+    without it the scores drift by an arbitrary offset per prompt. Equal scores of 0 give log 2.
+    """
+    return -F.logsigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected) ** 2
+
+
+def pair_batch(encoded, idx, pad_id, device):
+    """Chosen rows then rejected rows, right padded: one forward scores both sides."""
+    seqs = [encoded[i]["chosen"] for i in idx] + [encoded[i]["rejected"] for i in idx]
+    return pad(seqs, pad_id).to(device), torch.tensor([len(s) for s in seqs], device=device)
+
+
+@torch.no_grad()
+def pair_scores(model, encoded, pad_id, device, dtype, batch_size=64):
+    """(r_chosen, r_rejected) of every pair, each (N,)."""
+    model.eval()
+    rc, rr = [], []
+    for s in range(0, len(encoded), batch_size):
+        ids, lengths = pair_batch(encoded, range(s, min(s + batch_size, len(encoded))), pad_id, device)
+        with autocast(device, dtype):
+            r = last_token_scores(model, ids, lengths)
+        rc.append(r[:len(r) // 2])
+        rr.append(r[len(r) // 2:])
+    model.train()
+    return torch.cat(rc), torch.cat(rr)
+
+
+# ----------------------------------------------------------------------------- for PPO / GRPO
+
+def load_reward_model(path, device=None, batch_size=64):
+    """A trained reward model as a function score(prompts, responses) -> (N,) float tensor.
+
+    Prompts are strings (or message lists), responses decoded texts as data.generate_responses
+    gives them. Batched, no grad. Rewards are normalised with the (mean, std) the reward stage
+    measured on SFT samples, so an average SFT response scores ~0 and the spread is ~1.
+    """
+    ckpt = load_checkpoint(path, device or "cpu")
+    model, tok = ckpt["model"], ckpt["tokenizer"]
+    if model.score_head is None or "reward_mean" not in ckpt["extra"]:
+        raise CheckpointError(f"{path}: not a reward model (stage {ckpt['stage']!r} has no scalar head "
+                              f"or no normalisation); train one with reward.py")
+    mean, std = ckpt["extra"]["reward_mean"], ckpt["extra"]["reward_std"]
+    dev = next(model.parameters()).device
+    block = model.config.block_size
+
+    @torch.no_grad()
+    def score(prompts, responses):
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs = []
+        for p, r in zip(prompts, responses):
+            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+            # past the context the model has no positions: score what fits (the sampler never
+            # produces longer, since it stops at block_size too)
+            seqs.append(render_chat(tok, msgs + response_messages(r))[0][:block])
+        out = [torch.zeros(0, device=dev)]
+        for s in range(0, len(seqs), batch_size):
+            chunk = seqs[s:s + batch_size]
+            lengths = torch.tensor([len(c) for c in chunk], device=dev)
+            out.append(last_token_scores(model, pad(chunk, tok.pad_id).to(dev), lengths))
+        return (torch.cat(out) - mean) / std
+
+    score.model, score.tokenizer, score.mean, score.std = model, tok, mean, std
+    return score
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
+    device, rank, world = setup(cfg)
+    t0 = time.time()
+    try:
+        ckpt = load_checkpoint(cfg["init"], device)
+    except CheckpointError as e:
+        fail(str(e))
+    sft, tok = ckpt["model"], ckpt["tokenizer"]
+
+    # every rank builds the same pairs (same seed), then trains on its slice of each batch
+    if cfg["data"]:
+        pairs = load_pairs(cfg["data"])
+        random.Random(cfg["seed"]).shuffle(pairs)
+        n_val = max(1, int(len(pairs) * cfg["val_frac"])) if len(pairs) > 1 else 0
+        train_pairs, val_pairs = pairs[n_val:], pairs[:n_val]
+    else:
+        train_pairs = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"],
+                                              cfg["label_noise"])
+        # held out: prompts of the val split, with clean gold labels
+        val_pairs = sample_preference_pairs(sft, tok, cfg["n_val_prompts"], cfg["seed"], cfg["temperature"],
+                                            split="val")
+        if rank == 0:
+            write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_reward.jsonl"), train_pairs)
+    t_data = time.time() - t0
+    block = sft.config.block_size
+    train, dropped = encode_pairs(tok, train_pairs, block)
+    val, _ = encode_pairs(tok, val_pairs, block)
+    if not train:
+        fail("no preference pairs to train on (every sampled pair tied, or none fits the context)")
+    if rank == 0:
+        print(f"reward: {len(train)} train pairs, {len(val)} val pairs ({dropped} too long), "
+              f"data {t_data:.0f}s")
+
+    # the SFT network plus a scalar head; a zero head starts every pair at loss log 2
+    model = GPT(dataclasses.replace(sft.config, scalar_head=True)).to(device)
+    missing, unexpected = model.load_state_dict(sft.state_dict(), strict=False)
+    assert sorted(missing) == ["score_head.bias", "score_head.weight"] and not unexpected, (missing, unexpected)
+    torch.nn.init.zeros_(model.score_head.weight)
+    del sft
+    model.train()
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    log = MetricLog(cfg["out"], "reward", enabled=rank == 0)
+
+    B = cfg["batch_size"]
+    per_epoch = math.ceil(len(train) / B)
+    steps = cfg["epochs"] * per_epoch
+    bar = tqdm(range(steps), disable=rank != 0, desc="reward")
+    for step in bar:
+        set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup"]))
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch))
+        idx = perm[k * B:(k + 1) * B][rank::world].tolist()
+        ids, lengths = pair_batch(train, idx, tok.pad_id, device)
+        n_pairs = all_reduce_sum(torch.tensor(float(len(idx)), device=device))
+        with autocast(device, cfg["dtype"]):
+            r = last_token_scores(train_model, ids, lengths)
+        rc, rr = r[:len(idx)], r[len(idx):]
+        loss = bt_loss(rc, rr, cfg["margin"], cfg["center_coef"]).sum() / (n_pairs / world)  # x world: DDP averages
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == steps - 1:
+            row = dict(loss=loss.item(), acc=(rc > rr).float().mean().item(), margin=(rc - rr).mean().item(),
+                       r_chosen=rc.mean().item(), r_rejected=rr.mean().item(), grad_norm=norm.item(),
+                       lr=opt.param_groups[0]["lr"])
+            log.log(step, **row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
+
+    # held-out accuracy, then the normalisation: (mean, std) of raw scores over the SFT samples
+    metrics = dict(n_train_pairs=len(train), n_val_pairs=len(val), params=model.num_params())
+    if not cfg["data"]:
+        metrics["tie_rate"] = 1 - len(train_pairs) / max(1, cfg["n_prompts"])
+    if val:
+        vc, vr = pair_scores(model, val, tok.pad_id, device, cfg["dtype"])
+        metrics["val_acc"] = (vc > vr).float().mean().item()
+        metrics["val_loss"] = bt_loss(vc, vr).mean().item()
+        for fam in sorted({v["family"] for v in val}):
+            sel = torch.tensor([v["family"] == fam for v in val], device=vc.device)
+            metrics[f"val_acc_{fam}"] = (vc[sel] > vr[sel]).float().mean().item()
+    tc, tr = pair_scores(model, train, tok.pad_id, device, cfg["dtype"])
+    metrics["train_acc"] = (tc > tr).float().mean().item()
+    raw = torch.cat([tc, tr])  # every sampled response: SFT samples (--data: the file's responses)
+    mean, std = raw.mean().item(), raw.std().item() if len(raw) > 1 else 1.0
+    metrics["reward_mean"], metrics["reward_std"] = mean, std
+    metrics["wall_s"] = time.time() - t0
+    if rank == 0:
+        log.log(steps, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        save_checkpoint(cfg["out"], model, tok, "reward", parent=cfg["init"], config=cfg, metrics=metrics,
+                        optimizer=opt, step=steps, extra=dict(reward_mean=mean, reward_std=max(std, 1e-6)))
+        print("reward: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    main()
