@@ -49,12 +49,12 @@ DEFAULTS = dict(
     mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.0,
     student_layers=2, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
-    batch_size=64, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
+    batch_size=64, micro_batches=4, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
     eval_tasks=100, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
-              batch_size=8, steps=6, eval_tasks=1),
+              batch_size=8, micro_batches=2, steps=6, eval_tasks=1),
     cpu=dict(),
     gpu=dict(n_train=200000, batch_size=128, steps=3000, lr=1e-3, seq_prompts=20000, eval_tasks=200),
 )
@@ -284,13 +284,15 @@ def teacher_conversations(teacher, tok, cfg, conversations, rank, world):
     return [p + response_messages(x) for p, x, k in zip(prompts, texts, keep) if k], sum(keep) / max(1, len(keep))
 
 
-def student_batch(student, tok, prompts, cfg, generator):
-    """An on-policy batch: the student's samples (temperature 1, tools run) to these prompts;
-    the mask marks the tokens it chose (not the tool's output, not padding)."""
+def student_samples(student, tok, prompts, cfg, generator):
+    """On-policy examples: the student's samples (temperature 1, tools run) to these prompts as
+    (ids, mask) rows; the mask marks the tokens it chose (not the tool's output, not padding)."""
     out = generate_responses(student, tok, prompts, cfg["max_new_tokens"], 1.0, generator=generator)
-    ids = [p + row for p, row in zip(out["prompt_ids"], out["tokens"].tolist())]
-    mask = [[0] * len(p) + row for p, row in zip(out["prompt_ids"], out["sampled"].tolist())]
-    return pad(ids, tok.pad_id), pad(mask, 0)
+    rows = []
+    for p, toks, chosen in zip(out["prompt_ids"], out["tokens"].tolist(), out["sampled"].tolist()):
+        n = max((j + 1 for j, t in enumerate(toks) if t != tok.pad_id), default=0)  # drop trailing padding
+        rows.append((p + toks[:n], [0] * len(p) + chosen[:n]))
+    return rows
 
 
 # ----------------------------------------------------------------------------- loss and training
@@ -338,19 +340,23 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
         on_policy = mode == "onpolicy" and random.Random(cfg["seed"] * 1_000_003 + step).random() < cfg["lmbda"]
         if on_policy:  # GKD: with probability lambda the student's own samples, scored by the teacher
             sg = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
-            ids, mask = student_batch(student, tok, [prompts[i] for i in idx], cfg, sg)
-            ids, mask = ids.to(device), mask.to(device)
+            rows = student_samples(student, tok, [prompts[i] for i in idx], cfg, sg)
         else:
-            ids, mask = make_batch(examples, idx, tok.pad_id, device)
-        n_tokens = all_reduce_sum(mask[:, 1:].sum().float())
-        with autocast(device, cfg["dtype"]):
-            loss = batch_loss(model, student, teacher, ids, mask, mode, cfg) * world / n_tokens  # x world: DDP averages
-        loss.backward()
+            rows = [examples[i] for i in idx]
+        rows.sort(key=lambda r: len(r[0]))  # length-sorted micro-batches: little padding, same gradient
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(m[1:]) for _, m in rows)), device=device))
+        size, total = math.ceil(len(rows) / cfg["micro_batches"]), 0.0
+        for s in range(0, len(rows), size):
+            ids, mask = make_batch(rows, range(s, min(s + size, len(rows))), tok.pad_id, device)
+            with autocast(device, cfg["dtype"]):  # sum / global token count (x world: DDP averages grads)
+                loss = batch_loss(model, student, teacher, ids, mask, mode, cfg) * world / n_tokens
+            loss.backward()
+            total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == cfg["steps"] - 1:
-            row = dict(run=mode, loss=(all_reduce_sum(loss.detach()) / world).item(), grad_norm=norm.item(),
+            row = dict(run=mode, loss=(all_reduce_sum(total) / world).item(), grad_norm=norm.item(),
                        lr=opt.param_groups[0]["lr"], tokens=n_tokens.item(), on_policy=float(on_policy))
             if step == cfg["steps"] - 1 or (step + 1) % 100 == 0:
                 row["val_kl_to_teacher"] = kl_to_teacher(student, teacher, val, tok.pad_id, device)

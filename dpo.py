@@ -202,6 +202,15 @@ def all_logps(model, rows, pad_id, device, dtype, batch_size=64):
     return torch.cat(logp), torch.cat(n)
 
 
+def mismatched_rows(examples, partner, block_size):
+    """KTO's KL batch: prompt i with the completion of partner[i] (cut to fit the context)."""
+    rows = []
+    for (p, _, _), j in zip(examples, partner):
+        room = block_size - len(p)
+        rows.append((p, examples[j][1][:room], examples[j][2][:room]))
+    return rows
+
+
 def mismatched_partners(prompts, seed):
     """For KTO's reference point: for each example i an index j with a different prompt.
 
@@ -214,7 +223,7 @@ def mismatched_partners(prompts, seed):
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     order = [i for k in keys for i in groups[k]]
-    g = max(len(v) for v in groups.values())
+    g = max((len(v) for v in groups.values()), default=1)
     if len(order) < 2 * g:
         raise ValueError(f"KTO needs more distinct prompts: {len(order)} examples, {g} share one prompt")
     partner = [0] * len(order)
@@ -271,33 +280,41 @@ def main(argv=None):
     paired = kind != "kto"
     ref_free = kind in ("simpo", "orpo")
 
+    pairs, unpaired = load_data(cfg, model, tok, rank)
     # the init model's greedy answers to the test tasks, for the final win rate (before any step)
     test = tasks.eval_tasks("test", cfg["eval_tasks"]) if cfg["eval_tasks"] else []
     init_texts, init_lens = evaluate.respond(model.eval(), tok, test) if test else ([], [])
-
-    pairs, unpaired = load_data(cfg, model, tok, rank)
-    if paired:
+    if pairs is not None:
         rows = [(encode(tok, p["prompt"], p["chosen"]), encode(tok, p["prompt"], p["rejected"])) for p in pairs]
-        rows = [r for r in rows if max(len(x[0]) + len(x[1]) for x in r) <= block]
-        chosen, rejected = [r[0] for r in rows], [r[1] for r in rows]
+        keep = [i for i, r in enumerate(rows) if max(len(x[0]) + len(x[1]) for x in r) <= block]
+        chosen, rejected = [rows[i][0] for i in keep], [rows[i][1] for i in keep]
+        prompts = [pairs[i]["prompt"] for i in keep]
+        n_c, n_r = (torch.tensor([float(sum(x[2])) for x in side], device=device) for side in (chosen, rejected))
+        # reference log-probs, once: the policy IS the reference before its first step
+        if not ref_free:
+            ref_c, _ = all_logps(model, chosen, tok.pad_id, device, dtype)
+            ref_r, _ = all_logps(model, rejected, tok.pad_id, device, dtype)
+    if paired:
         examples = chosen  # one index per pair
-    else:
-        keep = [(encode(tok, p, c), lab, p) for p, c, lab in unpaired]
-        keep = [k for k in keep if len(k[0][0]) + len(k[0][1]) <= block]
-        examples = [k[0] for k in keep]
-        labels = torch.tensor([k[1] for k in keep], device=device)
-        partner = mismatched_partners([k[2] for k in keep], cfg["seed"])
-        kl_rows = [(examples[i][0], examples[j][1], examples[j][2]) for i, j in enumerate(partner)]
+    else:  # KTO: chosen -> desirable, rejected -> undesirable, or the unpaired file as it is
+        if pairs is not None:
+            examples, prompts = chosen + rejected, prompts + prompts
+            labels = [True] * len(chosen) + [False] * len(rejected)
+            ref = torch.cat([ref_c, ref_r])
+        else:
+            rows = [(encode(tok, p, c), lab, p) for p, c, lab in unpaired]
+            rows = [r for r in rows if len(r[0][0]) + len(r[0][1]) <= block]
+            examples, labels, prompts = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            ref, _ = all_logps(model, examples, tok.pad_id, device, dtype)
+        labels = torch.tensor(labels, dtype=torch.bool, device=device)
+        try:
+            partner = mismatched_partners(prompts, cfg["seed"])
+        except ValueError as e:
+            fail(str(e))
+        kl_rows = mismatched_rows(examples, partner, block)
+        ref_kl, _ = all_logps(model, kl_rows, tok.pad_id, device, dtype)
     if len(examples) < 2:
         fail(f"only {len(examples)} usable examples (ties dropped, too-long ones skipped): need at least 2")
-
-    # reference log-probs, once: the policy IS the reference before its first step
-    if paired:
-        ref_c, n_c = all_logps(model, chosen, tok.pad_id, device, dtype)
-        ref_r, n_r = all_logps(model, rejected, tok.pad_id, device, dtype)
-    else:
-        ref, n_ex = all_logps(model, examples, tok.pad_id, device, dtype)
-        ref_kl, _ = all_logps(model, kl_rows, tok.pad_id, device, dtype)
     t_data = time.time() - t0
     if rank == 0:
         print(f"dpo[{kind}]: {len(examples)} {'pairs' if paired else 'examples'}, data+reference {t_data:.0f}s")
@@ -361,11 +378,11 @@ def main(argv=None):
 
     # final numbers: implicit-reward accuracy on the training pairs; gold win rate vs the init model
     metrics = dict(loss_type=kind, n_examples=len(examples), train_steps=steps)
-    if paired:
+    if pairs is not None:
         pc, _ = all_logps(model, chosen, tok.pad_id, device, dtype)
         pr, _ = all_logps(model, rejected, tok.pad_id, device, dtype)
-        cr = implicit_rewards(pc, None if ref_free else ref_c, n_c if ref_free else None, kind, beta)
-        rr = implicit_rewards(pr, None if ref_free else ref_r, n_r if ref_free else None, kind, beta)
+        cr = implicit_rewards(pc, None if ref_free else ref_c, n_c, kind, beta)
+        rr = implicit_rewards(pr, None if ref_free else ref_r, n_r, kind, beta)
         metrics.update(train_reward_acc=(cr > rr).float().mean().item(), train_margin=(cr - rr).mean().item())
     if rank == 0 and test:
         model.eval()

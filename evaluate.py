@@ -81,7 +81,7 @@ def quick_eval(model, tok, n_per_family=25, split="val", device=None):
 
 def gold_winrate(task_list, texts, baseline_texts):
     """Fraction of tasks where the gold judge prefers texts over baseline_texts (ties count half)."""
-    scores = tasks.gold_scores(task_list, list(texts) + list(baseline_texts))
+    scores = tasks.gold_scores(list(task_list) * 2, list(texts) + list(baseline_texts))
     n = len(task_list)
     wins = [0.5 if abs(a["score"] - b["score"]) < 1e-9 else float(a["score"] > b["score"])
             for a, b in zip(scores[:n], scores[n:])]

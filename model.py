@@ -307,7 +307,8 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=1024, entropy
 def sequence_logprobs(model, ids, attn_mask=None, temperature=1.0, entropy=False):
     """Log-probs of ids[:, 1:] given their prefixes: (B, T-1). The usual call of the kernel."""
     h = model(ids[:, :-1], None if attn_mask is None else attn_mask[:, :-1])
-    return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, entropy=entropy)
+    weight = getattr(model, "module", model).lm_head.weight  # DDP wraps the model in .module
+    return token_logprobs(h, weight, ids[:, 1:], temperature, entropy=entropy)
 
 
 # ----------------------------------------------------------------------------- checkpoints

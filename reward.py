@@ -27,14 +27,14 @@ from data import DataError, pad, read_jsonl, render_chat, response_messages
 from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
-    init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=400, val_frac=0.1,
+    init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=280, val_frac=0.1,
     temperature=1.0, label_noise=0.0, batch_size=32, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
     grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_prompts=24, n_val_prompts=8, batch_size=4, epochs=1, warmup=1),
     cpu=dict(),
-    gpu=dict(n_prompts=2400, n_val_prompts=800, batch_size=64, epochs=3, lr=3e-4, warmup=20),
+    gpu=dict(n_prompts=2400, n_val_prompts=280, batch_size=64, epochs=3, lr=3e-4, warmup=20),
 )
 
 

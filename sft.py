@@ -18,7 +18,7 @@ from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_lo
 
 DEFAULTS = dict(
     init="out/base.pt", out="out/sft.pt", data=None, n_train=20000, n_val=200,
-    batch_size=64, grad_accum=1, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0,
+    batch_size=64, grad_accum=1, steps=500, lr=1e-3, warmup=20, weight_decay=0.0, grad_clip=1.0,
     eval_every=100, save_every=250, eval_tasks=25, stop_after=0, resume=False,
     seed=0, device="auto", dtype="bf16", compile=False,
 )

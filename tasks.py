@@ -91,6 +91,15 @@ def _columns(a: int, op: str, b: int) -> tuple[list[str], int]:
     return lines, result
 
 
+def _random_fact(rng) -> str:
+    """One column line, as it appears in workings: 'x+y+c=s' or 'x-y-b=d' (top digit 1x if it borrows)."""
+    x, y, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 1)
+    if rng.random() < 0.5:
+        return f"{x}+{y}+{c}={x + y + c}"
+    top = x + 10 if x - y - c < 0 else x
+    return f"{top}-{y}-{c}={top - y - c}"
+
+
 def _math_lines(nums: list[int], ops: list[str], slip: tuple[int, int] | None = None):
     """Worked steps for nums[0] op nums[1] op ...: each operation's columns, then its result line
     'a+b=r'. slip=(step, delta) adds delta to that step's result and carries the error through,
@@ -413,8 +422,13 @@ def pretrain_corpus(n_docs: int, seed: int = 0) -> list[str]:
     docs = []
     for _ in range(n_docs):
         # calc lines teach only the call syntax (the products are unlearnable), so they get little room
-        kind = rng.choices(("math", "code", "tool", "safety"), (0.55, 0.2, 0.05, 0.2))[0]
+        kind = rng.choices(("math", "facts", "code", "tool", "safety"), (0.45, 0.15, 0.2, 0.05, 0.15))[0]
         parts = []
+        if kind == "facts":
+            # drills of the single-digit column facts every working is made of: a tiny model
+            # learns the ~400-entry table far sooner from dense lines like these
+            docs.append("\n".join(_random_fact(rng) for _ in range(rng.randint(8, 16))))
+            continue
         if kind == "tool":
             # calc lines only for train prompts: 'calc(a*b) = p' answers 'What is a*b?'
             tools = [_sample_split("tool", "train", rng) for _ in range(rng.randint(3, 6))]

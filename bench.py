@@ -1,0 +1,224 @@
+"""The speed record: one table (and JSON) of this machine's numbers.
+
+    python bench.py [--quick] [--device auto] [--json out/bench.json]
+
+Rows: sampler tokens/s with the KV cache vs recomputing the whole prefix; the chunked log-prob
+kernel vs naive log_softmax + gather (time and peak memory, forward + backward); training
+tokens/s and model FLOPs utilisation against this machine's matmul peak measured in the same
+run; the RL step breakdown of grpo.py and ppo.py; wall time per stage of the last pipeline run.
+Timings are medians of repeats. The machines are noisy: nothing here is asserted by the tests.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import pick_device
+from model import GPT, GPTConfig, sequence_logprobs, token_logprobs
+
+DEFAULT_MODEL = dict(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats=3):
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, quick):
+    """FLOP/s of a square matmul in the training dtype (fp32 on CPU, bf16 on CUDA)."""
+    n = 512 if quick else 2048 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 3
+    t = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * n ** 3 * reps / t
+
+
+@torch.no_grad()
+def bench_sampler(device, quick):
+    """Tokens/s of model.generate (KV cache) vs re-running the full prefix for every new token."""
+    batch, new = (8, 16) if quick else (64, 128)
+    model = GPT(GPTConfig(**DEFAULT_MODEL)).to(device).eval()
+    prompt = torch.randint(0, 1000, (batch, 16), device=device)
+    mask = torch.ones_like(prompt)
+
+    def cached():
+        model.generate(prompt, mask, new, temperature=1.0, stop_ids=())
+
+    def recompute():
+        ids = prompt
+        for _ in range(new):
+            logits = model.logits(ids)[:, -1].float()
+            ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1)], 1)
+
+    t_cache, t_full = timed(cached, device, 1), timed(recompute, device, 1)
+    return dict(batch=batch, new_tokens=new, kv_tok_s=batch * new / t_cache,
+                recompute_tok_s=batch * new / t_full, speedup=t_full / t_cache)
+
+
+def kernel_child(mode, tokens, vocab, dim, device_name):
+    """Run in a fresh process: extra peak memory (bytes) and seconds of one fwd+bwd."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    h = torch.randn(tokens, dim, device=device, requires_grad=True)
+    w = (torch.randn(vocab, dim, device=device) * 0.02).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,), device=device)
+    g = torch.randn(tokens, device=device)
+
+    def step():
+        if mode == "naive":
+            logp = torch.log_softmax((h @ w.t()).float(), -1).gather(1, t[:, None]).squeeze(1)
+        else:
+            logp = token_logprobs(h, w, t)
+        (logp * g).sum().backward()
+        h.grad = w.grad = None
+
+    if device.type == "cuda":
+        step()  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # ru_maxrss is the process's high-water mark: read it before and after the first step
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    seconds = timed(step, device, 2)
+    print(json.dumps(dict(seconds=seconds, peak_bytes=max(peak, 0))))
+
+
+def bench_kernel(device, quick):
+    """Chunked kernel vs naive at GPT-2's vocab, each in its own process so peaks don't mix."""
+    tokens, vocab = (1024, 8192) if quick else (8192, 50257)
+    out = {}
+    for dim in ((64,) if quick else (128, 768)):
+        for mode in ("naive", "chunked"):
+            proc = subprocess.run([sys.executable, __file__, "--_kernel", mode, str(tokens), str(vocab), str(dim),
+                                   str(device)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2000:])
+            out[f"{mode}_d{dim}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = []
+    for dim in ((64,) if quick else (128, 768)):
+        n, c = out[f"naive_d{dim}"], out[f"chunked_d{dim}"]
+        rows.append(dict(tokens=tokens, vocab=vocab, dim=dim, naive_s=n["seconds"], chunked_s=c["seconds"],
+                         naive_peak_mb=n["peak_bytes"] / 2 ** 20, chunked_peak_mb=c["peak_bytes"] / 2 ** 20,
+                         memory_ratio=c["peak_bytes"] / max(n["peak_bytes"], 1),
+                         time_ratio=c["seconds"] / n["seconds"]))
+    return rows
+
+
+def bench_training(device, quick, peak):
+    """Training tokens/s of the default model and its MFU (6N + 12·L·T·C FLOPs per token)."""
+    cfg = GPTConfig(**DEFAULT_MODEL)
+    model = GPT(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, T = (8, 64) if quick else (64, 128)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+
+    def step():
+        loss = -sequence_logprobs(model, ids).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timed(step, device, 3 if quick else 5)
+    n = model.num_params(embeddings=False) + cfg.vocab_size * cfg.n_embd  # the lm_head matmul counts
+    flops_per_token = 6 * n + 12 * cfg.n_layer * T * cfg.n_embd
+    tok_s = B * T / seconds
+    return dict(batch=B, seq=T, tok_s=tok_s, mfu=tok_s * flops_per_token / peak,
+                model_gflops=tok_s * flops_per_token / 1e9)
+
+
+def bench_rl(device, quick):
+    """Seconds per phase of one GRPO step and one PPO step at the default preset."""
+    try:
+        import grpo
+        import ppo
+    except ImportError as e:
+        return {"skipped": f"RL stages not importable ({e})"}
+    out = {}
+    for name, mod in (("grpo", grpo), ("ppo", ppo)):
+        if hasattr(mod, "step_breakdown"):
+            out[name] = mod.step_breakdown(device=device, quick=quick)
+    return out
+
+
+def pipeline_times(out_dir):
+    path = os.path.join(out_dir, "pipeline.json")
+    return json.load(open(path))["wall_s"] if os.path.exists(path) else {}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for the test suite (seconds)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out-dir", default="out")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    peak = matmul_peak(device, args.quick)
+    res = dict(device=str(device), threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
+    res["sampler"] = bench_sampler(device, args.quick)
+    res["kernel"] = bench_kernel(device, args.quick)
+    res["training"] = bench_training(device, args.quick, peak)
+    res["rl_step"] = bench_rl(device, args.quick)
+    res["pipeline_wall_s"] = pipeline_times(args.out_dir)
+    print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def print_table(r):
+    s = r["sampler"]
+    print(f"| what | number |\n|---|---|")
+    print(f"| device | {r['device']} ({r['threads']} threads) |")
+    print(f"| matmul peak | {r['matmul_peak_gflops']:.0f} GFLOP/s |")
+    print(f"| sampler, batch {s['batch']} x {s['new_tokens']} new | KV cache {s['kv_tok_s']:.0f} tok/s, "
+          f"recompute {s['recompute_tok_s']:.0f} tok/s, speed-up {s['speedup']:.1f}x |")
+    for k in r["kernel"]:
+        print(f"| log-prob kernel, {k['tokens']} tok x vocab {k['vocab']} x dim {k['dim']}, fwd+bwd | "
+              f"chunked {k['chunked_s']:.3f}s / {k['chunked_peak_mb']:.0f} MB vs naive {k['naive_s']:.3f}s / "
+              f"{k['naive_peak_mb']:.0f} MB: memory {k['memory_ratio']:.0%}, time {k['time_ratio']:.2f}x |")
+    t = r["training"]
+    print(f"| training, batch {t['batch']} x {t['seq']} | {t['tok_s']:.0f} tok/s, {t['model_gflops']:.1f} GFLOP/s, "
+          f"MFU {t['mfu']:.0%} of the measured matmul peak |")
+    for name, phases in r["rl_step"].items():
+        if isinstance(phases, dict):
+            total = sum(v for v in phases.values() if isinstance(v, (int, float)))
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in phases.items() if isinstance(v, (int, float)))
+            print(f"| {name} step ({total:.1f}s) | {parts} |")
+        else:
+            print(f"| {name} | {phases} |")
+    if r["pipeline_wall_s"]:
+        print("| pipeline (last run) | " + ", ".join(f"{k} {v:.0f}s" for k, v in r["pipeline_wall_s"].items()) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_kernel":
+        mode, tokens, vocab, dim, dev = sys.argv[2:7]
+        kernel_child(mode, int(tokens), int(vocab), int(dim), dev)
+    else:
+        main()

@@ -1,0 +1,615 @@
+"""GRPO and the critic-free family: sample G responses per prompt, score them, push up the ones
+that beat their group.
+
+    python grpo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/grpo.pt] [--preset tiny|cpu|gpu]
+                   [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline]
+                   [--loss-agg token-mean|seq-mean-token-mean|seq-mean-token-sum-norm]
+                   [--kl k1|k2|k3|off] [--reward rm|gold] [--data prompts.jsonl] [--curve true]
+
+The algorithm (GRPO: Shao et al. 2024, "DeepSeekMath", Algorithm 1), as main() runs it:
+    for each step:
+        draw prompts; sample G responses to each from the current policy        rollout
+        score every response with the reward model                               reward_fn
+        A_i = (R_i - mean(R_group)) / std(R_group), on every token of response i  group_advantages
+        μ iterations x minibatches: minimise the clipped surrogate + β·KL(π||π_ref)  update
+Each variant changes one piece: Dr. GRPO (Liu et al. 2025) drops the std and divides the loss by
+a constant length; DAPO (Yu et al. 2025) clips higher (ε_high > ε_low), resamples groups whose
+rewards are all equal (dynamic sampling) and averages over tokens; RLOO (Ahmadian et al. 2024)
+uses the leave-one-out mean; REINFORCE++ (Hu 2025) whitens returns over the whole batch.
+
+rollout / policy_logprobs / group_advantages / update are reused by rlvr.py; ppo.py reuses the
+kernels, update (for its policy) and the prompt/reward/evaluation helpers at the bottom.
+"""
+import contextlib
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tasks
+from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from data import DataError, generate_responses, pad_prompts, read_jsonl, render_prompt
+from model import CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
+
+DEFAULTS = dict(
+    init="out/dpo.pt", out="out/grpo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
+    steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
+    advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=64,
+    eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.04,
+    dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0,
+    lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
+    gold_every=5, eval_tasks=50, curve=False, bon_prompts=32, bon_n=64,
+    seed=0, device="auto", dtype="bf16",
+)
+PRESETS = dict(
+    tiny=dict(n_prompts=16, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=16, micro_batch=4,
+              gold_every=1, eval_tasks=1, bon_prompts=2, bon_n=4),
+    cpu=dict(),
+    gpu=dict(n_prompts=20000, steps=500, prompts_per_step=64, group_size=16, micro_batch=128, lr=1e-5,
+             iterations=2, minibatches=4, eval_tasks=100, bon_prompts=256),
+)
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+@torch.no_grad()
+def rollout(model, tok, prompts, group_size, max_new_tokens, temperature, top_k=0, top_p=1.0, tools=True):
+    """Sample group_size responses per prompt with the KV-cache sampler (data.generate_responses).
+
+    Rows are prompt-major (row i*G+g is sample g of prompt i). Returns dict:
+      ids (B,T)        left-padded prompt then response (right-padded), T = P + N
+      attn_mask (B,T)  1 on real tokens (tool-inserted tokens included: the model reads them)
+      resp_mask (B,T-1) float, aligned with the targets ids[:,1:]: 1 where the target is a token
+                       the model sampled; 0 on prompt, padding and tool-inserted tokens
+      texts, finished (B,) bool, prompts (repeated), group (B,) prompt index, prompt_len P.
+    """
+    model = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    rep = [p for p in prompts for _ in range(group_size)]
+    out = generate_responses(model, tok, rep, max_new_tokens, temperature, top_k, top_p, tools)
+    pids, pmask = pad_prompts(tok, out["prompt_ids"])
+    tokens, sampled = out["tokens"].to(device), out["sampled"].to(device)
+    P, N = pids.shape[1], tokens.shape[1]
+    # a response's real tokens run up to its last written one (a sampled pad id still counts)
+    written = (tokens != tok.pad_id) | sampled.bool()
+    length = (written * torch.arange(1, N + 1, device=device)).amax(1)
+    resp_attn = torch.arange(N, device=device)[None] < length[:, None]
+    resp_mask = torch.zeros(len(rep), P + N - 1, device=device)
+    resp_mask[:, P - 1:] = sampled.float()  # target ids[:, P + j] is response token j
+    return dict(ids=torch.cat([pids.to(device), tokens], 1),
+                attn_mask=torch.cat([pmask.to(device), resp_attn.long()], 1), resp_mask=resp_mask,
+                texts=out["texts"], finished=out["finished"].to(device), prompts=rep,
+                group=torch.arange(len(prompts), device=device).repeat_interleave(group_size), prompt_len=P)
+
+
+def select_rows(batch, rows):
+    """The sub-batch of the given rows (a 1-D index list or tensor)."""
+    rows = torch.as_tensor(rows, dtype=torch.long, device=batch["ids"].device)
+    out = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+    out.update(texts=[batch["texts"][i] for i in rows.tolist()], prompts=[batch["prompts"][i] for i in rows.tolist()],
+               prompt_len=batch["prompt_len"])
+    return out
+
+
+def concat_rollouts(parts, pad_id):
+    """Stack rollouts whose prompt (P) and response (N) widths differ: prompts are re-padded on
+    the left, responses on the right. Group ids are renumbered to stay unique."""
+    P = max(b["prompt_len"] for b in parts)
+    N = max(b["ids"].shape[1] - b["prompt_len"] for b in parts)
+    ids, attn, resp, group, offset = [], [], [], [], 0
+    for b in parts:
+        left, right = P - b["prompt_len"], N - (b["ids"].shape[1] - b["prompt_len"])
+        ids.append(F.pad(b["ids"], (left, right), value=pad_id))
+        attn.append(F.pad(b["attn_mask"], (left, right), value=0))
+        resp.append(F.pad(b["resp_mask"], (left, right), value=0.0))
+        group.append(b["group"] - b["group"].min() + offset)
+        offset = int(group[-1].max()) + 1 if len(b["group"]) else offset
+    return dict(ids=torch.cat(ids), attn_mask=torch.cat(attn), resp_mask=torch.cat(resp),
+                finished=torch.cat([b["finished"] for b in parts]), group=torch.cat(group),
+                texts=[t for b in parts for t in b["texts"]], prompts=[p for b in parts for p in b["prompts"]],
+                prompt_len=P)
+
+
+def policy_logprobs(model, batch, temperature, entropy=False):
+    """log π(ids[:,1:] | prefix) under the sampling temperature: (B,T-1) (and the entropy).
+
+    The same temperature divides the logits here and in the sampler, so the ratio π/π_old is
+    exactly 1 on the first minibatch (a known PPO-RLHF bug when they differ: Huang et al. 2024,
+    "The N+ Implementation Details of RLHF with PPO", PPO details).
+    Works with a DDP-wrapped model: the forward goes through the wrapper, the head is read off it.
+    """
+    h = model(batch["ids"][:, :-1], batch["attn_mask"][:, :-1])
+    w = getattr(model, "module", model).lm_head.weight
+    return token_logprobs(h, w, batch["ids"][:, 1:], temperature, entropy=entropy)
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch, temperature, micro_batch=64, dtype="fp32"):
+    """policy_logprobs without grad, micro_batch rows at a time (old / reference log-probs), under
+    the same autocast as the training forward so that ρ = 1 holds on a GPU too."""
+    ids, attn, device = batch["ids"], batch["attn_mask"], batch["ids"].device
+    with autocast(device, dtype):
+        return torch.cat([policy_logprobs(model, dict(ids=ids[s:s + micro_batch], attn_mask=attn[s:s + micro_batch]),
+                                          temperature) for s in range(0, ids.shape[0], micro_batch)])
+
+
+# ----------------------------------------------------------------------------- advantage and loss kernels
+
+def group_advantages(rewards, group_size, kind="grpo", eps=1e-6):
+    """Sequence advantages from G samples per prompt (prompt-major rows): (B,) -> (B,).
+
+      grpo     A_i = (R_i - mean_g R) / (std_g R + eps)   DeepSeekMath (Shao et al. 2024) §4.1.2;
+               std with Bessel's correction (N-1), as TRL's GRPOTrainer and torch.std compute it
+      dr_grpo  A_i = R_i - mean_g R                        Dr. GRPO (Liu et al. 2025) eq. 3: no std,
+               which up-weights easy/hard prompts less
+      rloo     A_i = R_i - mean_{j!=i} R_j = G/(G-1) (R_i - mean_g R)   RLOO (Ahmadian et al. 2024)
+    A group whose rewards are all equal (a singleton group too) carries no comparison: its
+    advantages are exactly 0. Example: R = [1, 0, 0, 0], G = 4, grpo -> [1.5, -0.5, -0.5, -0.5].
+    """
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    if kind == "grpo":
+        adv = centred / (r.std(1, keepdim=True, correction=1) + eps) if group_size > 1 else centred
+    elif kind == "dr_grpo":
+        adv = centred
+    elif kind == "rloo":
+        adv = centred * group_size / max(group_size - 1, 1)
+    else:
+        raise ValueError(f"unknown advantage {kind!r}; expected grpo | dr_grpo | rloo")
+    return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).view(-1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the valid tokens of the whole (global, all-reduced) batch; 0 elsewhere.
+    Population variance (divide by N). Advantage normalisation, PPO impl. detail (Huang et al. 2022)."""
+    m = mask.float()
+    n = all_reduce_sum(m.sum().clamp(min=0).reshape(1)).clamp(min=1)
+    mean = all_reduce_sum((x * m).sum().reshape(1)) / n
+    var = all_reduce_sum((((x - mean) * m) ** 2).sum().reshape(1)) / n
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def last_valid(mask):
+    """Index of each row's last valid (mask 1) position, and whether the row has any."""
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.bool() * (pos + 1)).amax(1).sub(1).clamp(min=0), mask.bool().any(1)
+
+
+def reinforce_pp_advantages(rewards, resp_mask, kind="reinforce_pp", group_size=1):
+    """REINFORCE++ (Hu 2025, "REINFORCE++", §3): token-level returns, whitened over the batch.
+
+      G_t = sum_{s >= t, s valid} r_s     (γ = 1; masked positions, e.g. tool outputs, add nothing)
+      A_t = (G_t - mean(G)) / std(G)      mean/std over every valid token of the global batch
+    rewards: (B,) sequence rewards, placed on each row's last sampled token, or (B,T-1) token
+    rewards (e.g. with a -β·k1 KL term per token, as the paper puts the KL in the reward).
+    The sum runs inside each row only, so a return never leaks past its sequence's end.
+    reinforce_pp_baseline (OpenRLHF's REINFORCE++-baseline): first subtract the group mean of the
+    sequence rewards (group_size samples per prompt, prompt-major), then the same whitening.
+    """
+    m = resp_mask.float()
+    last, any_valid = last_valid(m)
+    if rewards.dim() == 1:
+        tok_r = torch.zeros_like(m).scatter(1, last[:, None], (rewards.float() * any_valid)[:, None])
+    else:
+        tok_r = rewards.float() * m
+    if kind == "reinforce_pp_baseline":
+        base = tok_r.sum(1).view(-1, group_size).mean(1).repeat_interleave(group_size)
+        tok_r = tok_r.scatter_add(1, last[:, None], (-base * any_valid)[:, None])
+    elif kind != "reinforce_pp":
+        raise ValueError(f"unknown advantage {kind!r}; expected reinforce_pp | reinforce_pp_baseline")
+    returns = tok_r.flip(1).cumsum(1).flip(1)
+    return masked_whiten(returns, m)
+
+
+def kl_estimate(logp, ref_logp, kind="k3"):
+    """Per-token estimators of KL(π || π_ref) from tokens sampled from π (Schulman 2020,
+    "Approximating KL divergence"), with x = log π_ref(t) - log π(t):
+      k1 = -x                 unbiased, high variance, can be negative
+      k2 = x² / 2             biased, >= 0, low variance; its gradient is the KL's gradient on-policy
+      k3 = (e^x - 1) - x      unbiased, >= 0, low variance (GRPO's choice, DeepSeekMath eq. 4);
+                              expm1 keeps it accurate (and >= 0) when x is tiny, where e^x - 1 cancels
+    Example: x = 1e-4 in float32: expm1(x) - x = 5.0e-9, exp(x) - 1 - x = -4.3e-9.
+    """
+    x = ref_logp - logp
+    if kind == "k1":
+        return -x
+    if kind == "k2":
+        return 0.5 * x ** 2
+    if kind == "k3":
+        return torch.expm1(x) - x
+    raise ValueError(f"unknown KL estimator {kind!r}; expected k1 | k2 | k3")
+
+
+def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip=None):
+    """PPO's clipped objective as a per-token loss (Schulman et al. 2017, eq. 7), with ρ = π/π_old:
+
+      L = max(-A ρ, -A clip(ρ, 1 - ε_low, 1 + ε_high))
+    ε_high > ε_low is DAPO's clip-higher (Yu et al. 2025, eq. 10): low-probability tokens may
+    grow more before the clip stops them. dual_clip = c > 1 (Ye et al. 2020, eq. 5) also bounds
+    the loss of negative-advantage tokens at -c·A, so a huge ρ cannot blow up the update:
+      L = min(L, -c A)  where A < 0
+    Returns (loss per token, clipped): clipped marks tokens whose gradient the clip cut to zero.
+    """
+    ratio = torch.exp(logp - old_logp)
+    loss1 = -adv * ratio
+    loss2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(loss1, loss2)
+    clipped = loss2 > loss1
+    if dual_clip:
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (loss > bound)
+        loss, clipped = torch.where(dual, bound, loss), clipped | dual
+    return loss, clipped
+
+
+def aggregate(loss_tok, mask, mode="token-mean", norm=None, max_len=None):
+    """Reduce a (B,T) per-token loss to a scalar over the valid tokens (mask 1):
+
+      token-mean                sum_it l m / sum_it m                 (DAPO eq. 12: every token counts once)
+      seq-mean-token-mean       1/B sum_i (sum_t l m / sum_t m)       (the GRPO paper, eq. 3: long
+                                                                       responses' tokens count less)
+      seq-mean-token-sum-norm   1/B sum_i sum_t l m / L_max           (Dr. GRPO, Liu et al. 2025:
+                                                                       a constant L_max, no length bias)
+    norm replaces the denominator's count (tokens for token-mean, sequences otherwise) with a
+    global one, so micro-batches and DDP ranks each add their share of the same mean.
+    Example: l = 1 everywhere, mask rows of 1 and 3 tokens -> 1, 1, and (1+3)/(2·L_max).
+    """
+    m = mask.to(loss_tok.dtype)
+    total = loss_tok * m
+    if mode == "token-mean":
+        return total.sum() / (m.sum().clamp(min=1) if norm is None else norm)
+    n_seq = m.shape[0] if norm is None else norm
+    if mode == "seq-mean-token-mean":
+        return (total.sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
+    if mode == "seq-mean-token-sum-norm":
+        return total.sum() / ((m.shape[1] if max_len is None else max_len) * n_seq)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG}")
+
+
+def global_norm(mask, mode):
+    """The count `aggregate` divides by, summed over ranks, divided by world (DDP averages grads)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local = mask.sum() if mode == "token-mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
+    return all_reduce_sum(local.float().reshape(1)).clamp(min=1)[0] / world
+
+
+# ----------------------------------------------------------------------------- the update
+
+def update(model, ref_model, opt, batch, adv_tok, cfg, old_logp=None, ref_logp=None):
+    """μ iterations x minibatches of the clipped loss (+ β·KL to the reference) on one rollout batch.
+
+    adv_tok (B,T-1): the advantage of each target token (0 where resp_mask is 0). cfg keys (with
+    defaults): iterations 1, minibatches 1, micro_batch 64, eps_low/eps_high 0.2, dual_clip 0,
+    kl "off" | k1 | k2 | k3, beta 0, loss_agg token-mean, temperature 1, grad_clip 1, max_new_tokens
+    (Dr. GRPO's constant length), dtype. old_logp defaults to the log-probs of the policy before this
+    update (with μ = 1 and one minibatch that is the current forward, detached: ρ = 1, as TRL).
+    Returns logged metrics; first_mb_* are the very first micro-batch's (ρ must be 1 there);
+    with ref_logp, kl_seq = mean over responses of Σ_t (log π_old - log π_ref), in nats.
+    """
+    g = lambda k, d: cfg.get(k, d)
+    mu, n_mb, micro, T = g("iterations", 1), g("minibatches", 1), g("micro_batch", 64), g("temperature", 1.0)
+    mode, kl_kind, beta, dtype = g("loss_agg", "token-mean"), g("kl", "off"), g("beta", 0.0), g("dtype", "fp32")
+    device, mask, B = batch["ids"].device, batch["resp_mask"], batch["ids"].shape[0]
+    if old_logp is None and (mu > 1 or n_mb > 1):
+        old_logp = batched_logprobs(model, batch, T, micro, dtype)  # the sampling policy, before any step
+    if kl_kind != "off" and ref_logp is None:
+        ref_logp = batched_logprobs(ref_model, batch, T, micro, dtype)
+    sums = {k: torch.zeros((), device=device)
+            for k in ("loss", "clip", "approx_kl", "kl_ref", "kl_seq", "entropy", "n", "n_ent", "gn")}
+    first, n_steps = None, 0
+    for it in range(mu):
+        for rows in torch.randperm(B, device=device).chunk(n_mb):
+            norm = global_norm(mask[rows], mode)
+            chunks = rows.split(micro)
+            for j, mrows in enumerate(chunks):
+                m = mask[mrows]
+                # DDP: all-reduce the gradients once per minibatch, after its last micro-batch
+                last = j == len(chunks) - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if last else model.no_sync():
+                    with autocast(device, dtype):
+                        logp, ent = policy_logprobs(model, select_rows(batch, mrows), T, entropy=True)
+                    old = logp.detach() if old_logp is None else old_logp[mrows]
+                    loss_tok, clipped = clipped_surrogate(logp, old, adv_tok[mrows], g("eps_low", 0.2),
+                                                          g("eps_high", 0.2), g("dual_clip", 0.0))
+                    if kl_kind != "off":
+                        kl = kl_estimate(logp, ref_logp[mrows], kl_kind)
+                        loss_tok = loss_tok + beta * kl  # KL in the loss, not in the reward (GRPO eq. 3)
+                        sums["kl_ref"] += (kl.detach() * m).sum()
+                    loss = aggregate(loss_tok, m, mode, norm, g("max_new_tokens", None))
+                    loss.backward()
+                with torch.no_grad():
+                    log_ratio = logp.detach() - old
+                    sums["loss"] += loss.detach()
+                    sums["clip"] += (clipped.float() * m).sum()
+                    sums["approx_kl"] += ((torch.expm1(log_ratio) - log_ratio) * m).sum()  # k3 of π_old -> π
+                    sums["n"] += m.sum()
+                    if it == 0:
+                        sums["entropy"] += (ent * m).sum()
+                        sums["n_ent"] += m.sum()
+                        if ref_logp is not None:  # old = the sampling policy on this first pass
+                            sums["kl_seq"] += ((old - ref_logp[mrows]) * m).sum() / B
+                    if first is None:
+                        first = dict(first_mb_ratio_err=((log_ratio.exp() - 1).abs() * m).amax(),
+                                     first_mb_clip_frac=(clipped.float() * m).sum() / m.sum().clamp(min=1))
+            sums["gn"] += torch.nn.utils.clip_grad_norm_(model.parameters(), g("grad_clip", 1.0))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            n_steps += 1
+    n = sums["n"].clamp(min=1)
+    out = dict(loss=sums["loss"] / n_steps, clip_frac=sums["clip"] / n, approx_kl=sums["approx_kl"] / n,
+               entropy=sums["entropy"] / sums["n_ent"].clamp(min=1), grad_norm=sums["gn"] / n_steps, **first)
+    if kl_kind != "off":
+        out["kl_ref_loss"] = sums["kl_ref"] / n
+    if ref_logp is not None:
+        out["kl_seq"] = sums["kl_seq"]
+    return {k: float(v) for k, v in out.items()}  # one host sync per update: logging only
+
+
+# ----------------------------------------------------------------------------- prompts, rewards, evaluation
+
+def load_prompts(cfg):
+    """RL prompts -> (prompts, task_of): the train split of the built-in world (all four families,
+    n_prompts in all), or --data (RL JSONL: {"prompt", "answer"} / {"prompt", "test", "entry_point"}).
+    task_of maps a prompt to its tasks.Task (built-in world only) for the gold judge."""
+    if cfg["data"]:
+        if not os.path.exists(cfg["data"]):
+            fail(f"{cfg['data']}: no such file")
+        try:
+            return [r["prompt"] for r in read_jsonl(cfg["data"], "rl")], {}
+        except DataError as e:
+            fail(str(e))
+    per = max(1, cfg["n_prompts"] // len(tasks.FAMILIES))
+    task_list = [t for f in tasks.FAMILIES for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"])]
+    return [t.prompt for t in task_list], {t.prompt: t for t in task_list}
+
+
+def draw_prompts(prompts, n, seed, step, rank, attempt=0):
+    """n prompts for this rank and step: each rank draws its own (group statistics stay local)."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + attempt) * 1009 + rank)
+    return [prompts[i] for i in torch.randint(len(prompts), (n,), generator=g).tolist()]
+
+
+def gold_reward(task_of):
+    """The hidden gold judge as a reward function (an oracle: for development and ablations)."""
+    def fn(prompts, responses):
+        return torch.tensor([s["score"] for s in tasks.gold_scores([task_of[p] for p in prompts], responses)])
+    return fn
+
+
+def make_reward(cfg, task_of, device):
+    """--reward rm (default): the learned reward model from --rm; gold: the hidden judge."""
+    if cfg["reward"] == "gold":
+        if not task_of:
+            fail("--reward gold needs the built-in world's prompts (the judge knows only those tasks)")
+        return gold_reward(task_of)
+    if cfg["reward"] != "rm":
+        fail(f"--reward {cfg['reward']!r}: expected rm or gold")
+    from reward import load_reward_model  # lazy: the reward stage is only needed when used
+    try:
+        return load_reward_model(cfg["rm"], device)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def score(reward_fn, batch, missing_eos_penalty):
+    """Reward of each response; a response that never stopped loses missing_eos_penalty
+    (TRL's missing_eos_penalty; Huang et al. 2024 replace such a score by -1, the "EOS trick")."""
+    r = reward_fn(batch["prompts"], batch["texts"]).float().to(batch["ids"].device)
+    return r - missing_eos_penalty * (~batch["finished"]).float()
+
+
+def gold_of(task_of, batch):
+    """Mean gold score of the sampled texts (logged next to the proxy), or None without tasks."""
+    if not task_of or any(p not in task_of for p in batch["prompts"]):
+        return None
+    return tasks.gold_scores([task_of[p] for p in batch["prompts"]], batch["texts"])
+
+
+def rollout_stats(batch, rewards):
+    """What practitioners watch on every rollout batch: reward, its spread, length, truncation."""
+    out = dict(reward=rewards.mean(), reward_std=rewards.std() if len(rewards) > 1 else 0.0,
+               length=batch["resp_mask"].sum(1).mean(), truncated=(~batch["finished"]).float().mean())
+    return {k: float(v) for k, v in out.items()}
+
+
+def load_policy(path, device):
+    """The policy to train and a frozen copy of it, the reference. Both stay in eval mode: dropout
+    off, so log-probs are deterministic and ρ = 1 on the first minibatch (Huang et al. 2024:
+    "disable dropout")."""
+    try:
+        ckpt = load_checkpoint(path, device)
+        ref = load_checkpoint(path, device)["model"]
+    except CheckpointError as e:
+        fail(str(e))
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ckpt["model"].eval(), ref.eval(), ckpt["tokenizer"]
+
+
+@torch.no_grad()
+def final_eval(model, ref_model, tok, rm_fn, cfg):
+    """Before (the reference = the init) vs after, on the test split: greedy responses scored by
+    the RM and the gold judge, gold win rate of after vs before, KL(π || π_ref) in nats per
+    response (Σ_t k1 over sampled tokens, at the training temperature)."""
+    import evaluate
+    task_list = tasks.eval_tasks("test", cfg["eval_tasks"])
+    prompts = [t.prompt for t in task_list]
+    before, len0 = evaluate.respond(ref_model, tok, task_list)
+    after, len1 = evaluate.respond(model, tok, task_list)
+    m = {f"{k}_init": v for k, v in evaluate.score_responses(task_list, before, len0).items()}
+    m.update(evaluate.score_responses(task_list, after, len1))
+    m["gold_winrate_vs_init"] = evaluate.gold_winrate(task_list, after, before)
+    if rm_fn is not None:
+        m["rm_score_init"], m["rm_score"] = rm_fn(prompts, before).mean().item(), rm_fn(prompts, after).mean().item()
+    batch = rollout(model, tok, prompts, 1, cfg["max_new_tokens"], cfg["temperature"])
+    lp, ref_lp = batched_logprobs(model, batch, cfg["temperature"]), batched_logprobs(ref_model, batch, cfg["temperature"])
+    m["kl_to_ref"] = ((lp - ref_lp) * batch["resp_mask"]).sum(1).mean().item()
+    return m
+
+
+def print_before_after(stage, m, wall):
+    rm = f"RM score {m['rm_score_init']:.3f} -> {m['rm_score']:.3f}, " if "rm_score" in m else ""
+    print(f"{stage}: {rm}gold score {m['gold_score_init']:.3f} -> {m['gold_score']:.3f}, gold win rate vs init "
+          f"{m['gold_winrate_vs_init']:.3f}, KL to ref {m['kl_to_ref']:.3f} nats/response, "
+          f"length {m['mean_len_init']:.1f} -> {m['mean_len']:.1f}, train {m['train_s']:.0f}s, total {wall:.0f}s")
+
+
+# ----------------------------------------------------------------------------- over-optimisation (Gao et al. 2022)
+
+@torch.no_grad()
+def best_of_n(model, tok, prompts, reward_fn, task_of, cfg):
+    """Best-of-n by the proxy for n = 1, 2, 4, ... bon_n, from bon_n samples per prompt.
+
+    E[score of the proxy-argmax among n of the N samples], unbiased over all n-subsets: with the
+    samples sorted by proxy, the one at rank k (1-based, ascending) wins with probability
+    C(k-1, n-1) / C(N, n) (the unbiased best-of-n estimator behind Gao et al. 2022's BoN curves).
+    KL(best-of-n || π) = log n - (n-1)/n (Stiennon et al. 2020; Gao et al. 2022 eq. 1).
+    """
+    N = cfg["bon_n"]
+    batch = rollout(model, tok, prompts, N, cfg["max_new_tokens"], cfg["temperature"])
+    proxy = score(reward_fn, batch, cfg["missing_eos_penalty"]).view(-1, N).cpu().double()
+    gold = torch.tensor([s["score"] for s in gold_of(task_of, batch)], dtype=torch.float64).view(-1, N)
+    order = proxy.argsort(1)
+    proxy, gold = proxy.gather(1, order), gold.gather(1, order)
+    k = torch.arange(1, N + 1, dtype=torch.float64)
+    lchoose = lambda a, b: torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
+    rows = []
+    for n in [2 ** i for i in range(int(math.log2(N)) + 1)]:
+        w = torch.where(k >= n, (lchoose(k - 1, torch.tensor(n - 1.)) - lchoose(torch.tensor(float(N)), torch.tensor(float(n)))).exp(), 0)
+        rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=float((proxy * w).sum(1).mean()),
+                         gold=float((gold * w).sum(1).mean())))
+    return rows
+
+
+def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
+    """Proxy (RM) and gold reward against √KL, for an RL run (its logged rollout batches, averaged
+    in `bins` consecutive windows) and for best-of-n: Gao et al. (2022), "Scaling Laws for Reward
+    Model Overoptimization", Fig. 1. Writes overoptimisation.md (+ .png with matplotlib)."""
+    rows = [r for r in run_rows if "gold" in r and "kl_seq" in r]
+    size = max(1, len(rows) // bins)
+    run = []
+    for s in range(0, len(rows) - size + 1, size):
+        w = rows[s:s + size]
+        avg = lambda k: sum(r[k] for r in w) / len(w)
+        run.append(dict(step=w[-1]["step"], kl=avg("kl_seq"), proxy=avg("reward"), gold=avg("gold")))
+    lines = ["# Reward over-optimisation: proxy (RM) vs gold against sqrt(KL)", "",
+             "KL(π || π_init) in nats per response. RL: rollout batches averaged over windows of "
+             f"{size} steps. Best-of-n: analytic KL = log n - (n-1)/n, unbiased estimator over subsets.", ""]
+    for name, table in (("RL run", run), ("Best-of-n", bon_rows)):
+        key = "step" if name == "RL run" else "n"
+        lines += [f"## {name}", "", f"| {key} | KL | sqrt(KL) | proxy (RM) | gold |", "|---|---|---|---|---|"]
+        lines += [f"| {r[key]} | {r['kl']:.3f} | {math.sqrt(max(r['kl'], 0)):.3f} | {r['proxy']:.3f} | {r['gold']:.3f} |"
+                  for r in table]
+        if table:
+            gpk, ppk = max(table, key=lambda r: r["gold"]), max(table, key=lambda r: r["proxy"])
+            lines += ["", f"gold peaks at {key} {gpk[key]} (sqrt KL {math.sqrt(max(gpk['kl'], 0)):.2f}, gold "
+                          f"{gpk['gold']:.3f}); proxy peaks at {key} {ppk[key]} (sqrt KL "
+                          f"{math.sqrt(max(ppk['kl'], 0)):.2f}, proxy {ppk['proxy']:.3f}).", ""]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "overoptimisation.md")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, table, style in (("RL", run, "-"), ("BoN", bon_rows, "--")):
+            x = [math.sqrt(max(r["kl"], 0)) for r in table]
+            ax.plot(x, [r["proxy"] for r in table], style, label=f"{name} proxy")
+            ax.plot(x, [r["gold"] for r in table], style, label=f"{name} gold")
+        ax.set_xlabel("sqrt(KL) (nats)"), ax.set_ylabel("reward"), ax.legend()
+        fig.savefig(os.path.join(out_dir, "overoptimisation.png"), dpi=120)
+    except ImportError:
+        lines.append("(matplotlib is not installed: no PNG, the table above is the curve)")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, run
+
+
+# ----------------------------------------------------------------------------- main: the GRPO loop
+
+def sample_groups(model, tok, prompts, reward_fn, cfg, step, rank):
+    """Rollout + reward. With dynamic sampling (DAPO §3.2) groups whose rewards are all equal
+    carry no gradient: drop them and sample fresh prompts until the batch is full or
+    ds_max_tries rollouts were made. Returns (batch, rewards, fraction of groups dropped)."""
+    G, n_want, parts, rewards, seen, kept = cfg["group_size"], cfg["prompts_per_step"], [], [], 0, 0
+    for attempt in range(cfg["ds_max_tries"] if cfg["dynamic_sampling"] else 1):
+        batch_prompts = draw_prompts(prompts, n_want - kept, cfg["seed"], step, rank, attempt)
+        batch = rollout(model, tok, batch_prompts, G, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
+        r = score(reward_fn, batch, cfg["missing_eos_penalty"])
+        seen += len(batch_prompts)
+        if cfg["dynamic_sampling"]:
+            varied = (r.view(-1, G) != r.view(-1, G)[:, :1]).any(1).repeat_interleave(G)
+            batch, r = select_rows(batch, varied.nonzero().flatten()), r[varied]
+        parts.append(batch), rewards.append(r)
+        kept += len(r) // G
+        if kept >= n_want:
+            break
+    batch = concat_rollouts(parts, tok.pad_id) if len(parts) > 1 else parts[0]
+    return batch, torch.cat(rewards), 1 - kept / seen
+
+
+def main(argv=None, reward_fn=None):
+    cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
+    if cfg["advantage"] not in ADVANTAGES or cfg["loss_agg"] not in LOSS_AGG or cfg["kl"] not in ("k1", "k2", "k3", "off"):
+        fail(f"--advantage {ADVANTAGES}, --loss-agg {LOSS_AGG}, --kl k1|k2|k3|off; got "
+             f"{cfg['advantage']!r}, {cfg['loss_agg']!r}, {cfg['kl']!r}")
+    device, rank, world = setup(cfg)
+    t0 = time.time()
+    model, ref_model, tok = load_policy(cfg["init"], device)
+    prompts, task_of = load_prompts(cfg)
+    reward_fn = reward_fn or make_reward(cfg, task_of, device)  # any callable(prompts, texts) -> (B,) works
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    log, G, T = MetricLog(cfg["out"], "grpo", enabled=rank == 0), cfg["group_size"], cfg["temperature"]
+    run_rows = []
+
+    for step in (bar := tqdm(range(cfg["steps"]), disable=rank != 0, desc="grpo")):
+        set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"], min_ratio=1.0))  # constant after warmup
+        # 1. G samples for each of this rank's prompts, scored by the reward model
+        batch, rewards, dropped = sample_groups(model, tok, prompts, reward_fn, cfg, step, rank)
+        if len(rewards) == 0:
+            continue  # dynamic sampling found no group with a reward difference: nothing to learn
+        # 2. advantages: relative to the group (or whitened over the batch for REINFORCE++)
+        if cfg["advantage"].startswith("reinforce_pp"):
+            adv_tok = reinforce_pp_advantages(rewards, batch["resp_mask"], cfg["advantage"], G)
+        else:
+            adv_tok = group_advantages(rewards, G, cfg["advantage"])[:, None] * batch["resp_mask"]
+        # 3. the clipped objective, μ times over the batch; KL(π || π_ref) measured always (the
+        #    over-optimisation x-axis), in the loss only when --kl is not off
+        ref_logp = batched_logprobs(ref_model, batch, T, cfg["micro_batch"], cfg["dtype"])
+        stats = update(train_model, ref_model, opt, batch, adv_tok, cfg, ref_logp=ref_logp)
+        row = dict(stats, **rollout_stats(batch, rewards), lr=opt.param_groups[0]["lr"],
+                   zero_adv_groups=float((rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).float().mean()),
+                   ds_dropped=dropped)
+        if cfg["reward"] == "rm":
+            row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
+        if (cfg["curve"] or step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
+            row["gold"] = sum(s["score"] for s in gold_of(task_of, batch)) / len(batch["texts"])
+        log.log(step, **row)
+        run_rows.append(dict(row, step=step))
+        bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{row['kl_seq']:.2f}", len=f"{row['length']:.0f}")
+
+    train_s = time.time() - t0
+    if rank != 0:
+        return
+    rm_fn = reward_fn if cfg["reward"] == "rm" else None
+    metrics = dict(final_eval(model, ref_model, tok, rm_fn, cfg) if cfg["eval_tasks"] else {}, train_s=train_s)
+    if cfg["curve"] and task_of:
+        bon = best_of_n(ref_model, tok, draw_prompts(prompts, cfg["bon_prompts"], cfg["seed"], -1, 0), reward_fn, task_of, cfg)
+        path, _ = overoptimisation_curve(run_rows, bon, os.path.dirname(os.path.abspath(cfg["out"])))
+        print(f"grpo: over-optimisation curve -> {path}")
+    metrics["wall_s"] = time.time() - t0
+    save_checkpoint(cfg["out"], model, tok, "grpo", parent=cfg["init"], config=cfg, metrics=metrics,
+                    optimizer=opt, step=cfg["steps"])
+    if cfg["eval_tasks"]:
+        print_before_after("grpo", metrics, metrics["wall_s"])
+
+
+if __name__ == "__main__":
+    main()

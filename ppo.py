@@ -1,0 +1,236 @@
+"""PPO-RLHF: optimise the policy against the reward model, with a critic and a KL leash.
+
+    python ppo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/ppo.pt] [--preset tiny|cpu|gpu]
+                  [--critic-init rm|policy] [--kl-coef 0.05] [--kl-target 0 (fixed) | >0 (adaptive)]
+                  [--reward rm|gold] [--data prompts.jsonl]
+
+The loop (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022), each step:
+    1. rollout   one response per prompt from the policy (KV-cache sampler, temperature T)
+    2. score     the RM reads (prompt, response) at its last real token; no EOS -> penalty
+    3. rewards   r_t = -β (log π(a_t) - log π_ref(a_t)) on every sampled token, + score on the last
+    4. GAE       advantages from the critic's values (γ, λ), whitened over valid tokens
+    5. update    epochs x minibatches of the clipped policy loss (grpo.update) and the clipped
+                 value loss, on the same rollout batch
+The details of "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024) and of
+"The 37 Implementation Details of PPO" (Huang et al. 2022) are commented where they act.
+"""
+import dataclasses
+import time
+
+import torch
+from tqdm import tqdm
+
+import grpo
+from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
+
+DEFAULTS = dict(
+    init="out/dpo.pt", out="out/ppo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
+    critic_init="rm", steps=40, batch_size=64, max_new_tokens=96, temperature=1.0,
+    epochs=2, minibatches=2, micro_batch=64, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
+    kl_coef=0.05, kl_target=0.0, kl_horizon=10000, missing_eos_penalty=1.0,
+    lr=5e-5, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
+    gold_every=5, eval_tasks=50, seed=0, device="auto", dtype="bf16",
+)
+PRESETS = dict(
+    tiny=dict(n_prompts=16, steps=2, batch_size=8, max_new_tokens=16, micro_batch=4, gold_every=1, eval_tasks=1),
+    cpu=dict(),
+    gpu=dict(n_prompts=20000, steps=500, batch_size=256, epochs=4, minibatches=4, micro_batch=128, lr=1e-5,
+             critic_lr=3e-5, eval_tasks=100),
+)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over the valid tokens only:
+
+      δ_t = r_t + γ V_{t'} - V_t,   A_t = δ_t + γλ A_{t'},   returns R_t = A_t + V_t
+    where t' is the next position with mask 1 (0 past the last one: the episode ends there).
+    Positions with mask 0 (prompt, padding, tool outputs inside a response) are skipped without
+    breaking the recursion: the next valid token's value bootstraps across them, and their
+    rewards and values are ignored. (B,T) tensors -> (adv, returns), 0 where mask is 0.
+    Loops over time (inherent), never over the batch. γ = λ = 1 with V = 0 gives reward-to-go;
+    λ = 0 gives the TD residual δ_t.
+    """
+    valid = mask.bool()
+    adv = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        v = valid[:, t]
+        adv[:, t] = torch.where(v, a, 0.0)
+        next_value = torch.where(v, values[:, t], next_value)
+        next_adv = torch.where(v, a, next_adv)
+    return adv, torch.where(valid, adv + values, 0.0)
+
+
+def value_loss(values, old_values, returns, clip):
+    """Clipped value loss per token (PPO impl. detail #9 of the 37; OpenAI's lm-human-preferences):
+
+      L = ½ max((V - R)², (V_old + clip(V - V_old, -ε_v, ε_v) - R)²)
+    Returns (loss, clipped): clipped marks tokens where the clipped term is the larger one.
+    """
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    l1, l2 = (values - returns) ** 2, (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(l1, l2), l2 > l1
+
+
+def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
+    """Ziegler et al. (2019) §2.2: β <- β (1 + K e), e = clip(KL/KL_target - 1, -0.2, 0.2),
+    K = n_samples / horizon. KL above target raises β, below lowers it."""
+    return coef * (1 + max(-0.2, min(0.2, kl / target - 1)) * n_samples / horizon)
+
+
+# ----------------------------------------------------------------------------- critic
+
+def make_critic(cfg, policy, tok, device):
+    """The value model: a separate network with a scalar head (N+ details: separate from the policy).
+
+    Initialised from the reward model (InstructGPT §3.5; Huang et al. 2024): the RM already reads
+    (prompt, response) and outputs the very score the return ends with, so V starts close to
+    E[R] at the last tokens instead of at 0, and the first updates of the policy are not driven by
+    a random baseline. The RM's normalisation (mean, std) is folded into the head so V is on the
+    reward's scale. From the policy with a zero head (V = 0) when there is no RM (--reward gold),
+    when its tokenizer differs, or with --critic-init policy.
+    """
+    if cfg["critic_init"] == "rm" and cfg["reward"] == "rm":
+        try:
+            ckpt = load_checkpoint(cfg["rm"], device)
+        except CheckpointError as e:
+            fail(str(e))
+        if ckpt["model"].score_head is not None and ckpt["tokenizer"].state() == tok.state():
+            critic, extra = ckpt["model"], ckpt["extra"]
+            with torch.no_grad():
+                critic.score_head.weight.div_(extra.get("reward_std", 1.0))
+                critic.score_head.bias.sub_(extra.get("reward_mean", 0.0)).div_(extra.get("reward_std", 1.0))
+            return critic.eval(), "rm"
+    critic = GPT(dataclasses.replace(policy.config, scalar_head=True)).to(device)
+    critic.load_state_dict(policy.state_dict(), strict=False)
+    torch.nn.init.zeros_(critic.score_head.weight)
+    torch.nn.init.zeros_(critic.score_head.bias)
+    return critic.eval(), "policy"  # eval: dropout off in the critic too
+
+
+def critic_values(critic, batch):
+    """V(state before target t) for every target position: (B,T-1), aligned with resp_mask."""
+    module = getattr(critic, "module", critic)
+    return module.score(critic(batch["ids"][:, :-1], batch["attn_mask"][:, :-1])).float()
+
+
+# ----------------------------------------------------------------------------- one PPO step
+
+@torch.no_grad()
+def make_experience(model, ref_model, critic, batch, scores, kl_coef, cfg):
+    """Everything the update needs from one rollout batch, computed once with no grad: old and
+    reference log-probs, values, per-token rewards, GAE advantages (whitened) and returns."""
+    T, micro, dtype, mask = cfg["temperature"], cfg["micro_batch"], cfg["dtype"], batch["resp_mask"]
+    old_logp = grpo.batched_logprobs(model, batch, T, micro, dtype)
+    ref_logp = grpo.batched_logprobs(ref_model, batch, T, micro, dtype)  # same temperature for both
+    with autocast(batch["ids"].device, dtype):
+        values = torch.cat([critic_values(critic, grpo.select_rows(batch, torch.arange(s, min(s + micro, len(mask)))))
+                            for s in range(0, len(mask), micro)]) * mask
+    kl = (old_logp - ref_logp) * mask  # k1 per token: the KL penalty sits in the reward (Ziegler et al. 2019 eq. 2)
+    last, _ = grpo.last_valid(mask)
+    rewards = (-kl_coef * kl).scatter_add(1, last[:, None], scores[:, None].float())  # score on the last sampled token
+    adv, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
+    adv = grpo.masked_whiten(adv, mask)  # advantage whitening over valid tokens (37 details #7)
+    return dict(old_logp=old_logp, ref_logp=ref_logp, values=values, returns=returns, adv=adv, kl=kl)
+
+
+def critic_update(critic, opt, batch, exp, cfg):
+    """epochs x minibatches of the clipped value loss, token-mean over valid tokens (global count)."""
+    mask, B, device = batch["resp_mask"], batch["ids"].shape[0], batch["ids"].device
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "clip", "n")}
+    for _ in range(cfg["epochs"]):
+        for rows in torch.randperm(B, device=device).chunk(cfg["minibatches"]):
+            norm = grpo.global_norm(mask[rows], "token-mean")
+            for mrows in rows.split(cfg["micro_batch"]):
+                m = mask[mrows]
+                with autocast(device, cfg["dtype"]):
+                    v = critic_values(critic, grpo.select_rows(batch, mrows))
+                loss_tok, clipped = value_loss(v, exp["values"][mrows], exp["returns"][mrows], cfg["vf_clip"])
+                loss = grpo.aggregate(loss_tok, m, "token-mean", norm)
+                loss.backward()
+                sums["loss"] += loss.detach() * norm
+                sums["clip"] += (clipped.float() * m).sum()
+                sums["n"] += m.sum()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg["grad_clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return dict(value_loss=float(sums["loss"] / sums["n"].clamp(min=1)), vf_clip_frac=float(sums["clip"] / sums["n"].clamp(min=1)))
+
+
+def policy_cfg(cfg):
+    """PPO's policy update is grpo.update with one ε, no KL term in the loss (it is in the reward)."""
+    return dict(cfg, iterations=cfg["epochs"], eps_low=cfg["eps_clip"], eps_high=cfg["eps_clip"], dual_clip=0.0,
+                kl="off", loss_agg="token-mean")
+
+
+def ppo_step(model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg):
+    """make_experience, then the policy and the critic updates. Returns (experience, metrics)."""
+    exp = make_experience(model, ref_model, critic, batch, scores, kl_coef, cfg)
+    m = batch["resp_mask"]
+    err = ((exp["values"] - exp["returns"]) ** 2 * m).sum() / m.sum().clamp(min=1)  # before the update
+    var_r = ((exp["returns"] - (exp["returns"] * m).sum() / m.sum()) ** 2 * m).sum() / m.sum().clamp(min=1)
+    stats = grpo.update(model, ref_model, opt, batch, exp["adv"], policy_cfg(cfg), old_logp=exp["old_logp"])
+    stats.update(critic_update(critic, copt, batch, exp, cfg))
+    stats.update(value_error=float(err), explained_var=float(1 - err / var_r.clamp(min=1e-8)))
+    return exp, stats
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None, reward_fn=None):
+    cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
+    if cfg["critic_init"] not in ("rm", "policy"):
+        fail(f"--critic-init {cfg['critic_init']!r}: expected rm or policy")
+    device, rank, world = setup(cfg)
+    t0 = time.time()
+    model, ref_model, tok = grpo.load_policy(cfg["init"], device)  # eval mode throughout: dropout off
+    prompts, task_of = grpo.load_prompts(cfg)
+    reward_fn = reward_fn or grpo.make_reward(cfg, task_of, device)
+    critic, critic_src = make_critic(cfg, model, tok, device)
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    train_model, train_critic = (ddp(model), ddp(critic)) if world > 1 else (model, critic)
+    log, kl_coef = MetricLog(cfg["out"], "ppo", enabled=rank == 0), cfg["kl_coef"]
+    if rank == 0:
+        print(f"ppo: critic initialised from the {critic_src}; reward {cfg['reward']}")
+
+    for step in (bar := tqdm(range(cfg["steps"]), disable=rank != 0, desc="ppo")):
+        for o, lr in ((opt, cfg["lr"]), (copt, cfg["critic_lr"])):
+            set_lr(o, lr_at(step, cfg["steps"], lr, cfg["warmup"], min_ratio=1.0))  # constant after warmup
+        batch = grpo.rollout(model, tok, grpo.draw_prompts(prompts, cfg["batch_size"], cfg["seed"], step, rank), 1,
+                             cfg["max_new_tokens"], cfg["temperature"])
+        scores = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"])
+        exp, stats = ppo_step(train_model, ref_model, train_critic, opt, copt, batch, scores, kl_coef, cfg)
+        kl_seq = float(all_reduce_sum(exp["kl"].sum().reshape(1)) / (len(scores) * world))  # nats per response
+        row = dict(stats, **grpo.rollout_stats(batch, scores), kl_seq=kl_seq, kl_coef=kl_coef)
+        if cfg["reward"] == "rm":
+            row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
+        if cfg["kl_target"] > 0:
+            kl_coef = adaptive_kl_coef(kl_coef, kl_seq, cfg["kl_target"], len(scores) * world, cfg["kl_horizon"])
+        if (step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
+            row["gold"] = sum(s["score"] for s in grpo.gold_of(task_of, batch)) / len(batch["texts"])
+        log.log(step, **row)
+        bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{kl_seq:.2f}", vf=f"{row['value_loss']:.3f}")
+
+    train_s = time.time() - t0
+    if rank != 0:
+        return
+    rm_fn = reward_fn if cfg["reward"] == "rm" else None
+    metrics = dict(grpo.final_eval(model, ref_model, tok, rm_fn, cfg) if cfg["eval_tasks"] else {},
+                   train_s=train_s, critic_init=critic_src, kl_coef_final=kl_coef)
+    metrics["wall_s"] = time.time() - t0
+    save_checkpoint(cfg["out"], model, tok, "ppo", parent=cfg["init"], config=cfg, metrics=metrics,
+                    optimizer=opt, step=cfg["steps"])
+    if cfg["eval_tasks"]:
+        grpo.print_before_after("ppo", metrics, metrics["wall_s"])
+
+
+if __name__ == "__main__":
+    main()

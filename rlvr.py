@@ -1,0 +1,446 @@
+"""RLVR: reinforcement learning against verifiers. The reward is a program's verdict, not a
+learned model's opinion: math answers are checked exactly, code runs against hidden tests in the
+sandbox, tool tasks must call the calculator and land on the right answer.
+
+    python rlvr.py [--init out/ppo.pt] [--out out/rlvr.pt] [--preset tiny|cpu|gpu]
+                   [--algo grpo|dr_grpo|dapo|rloo|reinforce_pp|ppo] [--data prompts.jsonl]
+                   [--mix math:2,code:1,tool:1] [--curriculum true] [--overlong filter|shape|none]
+
+Each step (the GRPO loop of grpo.py, with verifiers as the reward):
+    draw prompts, weighted towards the difficulty buckets the policy solves sometimes   draw_prompts
+    sample G responses each; calc(EXPR) calls run during sampling (forced tokens)      grpo.rollout
+    reward = verifier verdict x format gate (+ DAPO's overlong shaping)                  score
+    [dynamic sampling: drop groups whose rewards are all equal, draw more]              sample_groups
+    advantages (group-relative, RLOO, REINFORCE++, or PPO's critic + GAE), update       grpo / ppo
+and before/after the run: greedy accuracy per family, the no-tool accuracy on tool tasks, and
+unbiased pass@k (passk_eval, also used by evaluate.py).
+
+--algo picks the settings of a published recipe (ALGOS below); any of them can be overridden by
+its flag (--advantage, --loss-agg, --eps-high, --kl, --beta, --kl-reward, --dynamic-sampling,
+--overlong). Tool outputs are inserted by the sampler with sampled=0, so resp_mask is 0 on them:
+they get no policy gradient, no KL, no advantage and add nothing to REINFORCE++'s returns or to
+PPO's GAE (which bootstraps across them), since every sum and recursion runs over resp_mask.
+"""
+import ast
+import math
+import os
+import re
+import time
+
+import torch
+from tqdm import tqdm
+
+import grpo
+import tasks
+import verifiers
+from common import MetricLog, all_reduce_sum, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from data import DataError, generate_responses, read_jsonl
+from model import save_checkpoint
+
+DEFAULTS = dict(
+    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="grpo", mix="math:2,code:1,tool:1",
+    n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False,
+    steps=40, prompts_per_step=32, group_size=8, temperature=1.0, top_k=0, top_p=1.0,
+    iterations=1, minibatches=2, micro_batch=64, lr=1e-4, warmup=2, weight_decay=0.0, grad_clip=1.0,
+    curriculum=True, curriculum_alpha=0.3, curriculum_floor=0.02, ds_max_tries=3, overlong_buffer=0.125,
+    # from ALGOS unless given: None means "the algorithm's setting"
+    advantage=None, loss_agg=None, eps_low=None, eps_high=None, kl=None, beta=None, kl_reward=None,
+    dynamic_sampling=None, overlong=None,
+    # ppo only (ppo.py's critic and GAE)
+    critic_lr=1e-4, gamma=1.0, lam=0.95, vf_clip=0.2,
+    eval_n=50, passk_problems=20, passk_samples=16, max_train_s=0.0,
+    seed=0, device="auto", dtype="bf16",
+)
+PRESETS = dict(
+    tiny=dict(n_prompts=24, steps=2, prompts_per_step=3, group_size=4, micro_batch=8, eval_n=1,
+              passk_problems=1, passk_samples=2),
+    cpu=dict(),
+    gpu=dict(n_prompts=6000, steps=400, prompts_per_step=128, group_size=16, micro_batch=256, lr=2e-5,
+             minibatches=4, eval_n=200, passk_problems=100, passk_samples=64),
+)
+# The recipes. kl/beta: KL(π||π_ref) estimator and weight in the loss (GRPO eq. 3); kl_reward: β of
+# a per-token k1 penalty inside the reward instead (REINFORCE++ §3, PPO-RLHF).
+ALGOS = dict(
+    grpo=dict(advantage="grpo", loss_agg="seq-mean-token-mean", eps_low=0.2, eps_high=0.2, kl="k3", beta=0.04,
+              kl_reward=0.0, dynamic_sampling=False, overlong="filter"),                 # Shao et al. 2024
+    dr_grpo=dict(advantage="dr_grpo", loss_agg="seq-mean-token-sum-norm", eps_low=0.2, eps_high=0.2, kl="off",
+                 beta=0.0, kl_reward=0.0, dynamic_sampling=False, overlong="filter"),     # Liu et al. 2025
+    dapo=dict(advantage="grpo", loss_agg="token-mean", eps_low=0.2, eps_high=0.28, kl="off", beta=0.0,
+              kl_reward=0.0, dynamic_sampling=True, overlong="shape"),                   # Yu et al. 2025
+    rloo=dict(advantage="rloo", loss_agg="seq-mean-token-sum-norm", eps_low=0.2, eps_high=0.2, kl="off",
+              beta=0.0, kl_reward=0.0, dynamic_sampling=False, overlong="filter"),        # Ahmadian et al. 2024
+    reinforce_pp=dict(advantage="reinforce_pp", loss_agg="token-mean", eps_low=0.2, eps_high=0.2, kl="off",
+                      beta=0.0, kl_reward=0.01, dynamic_sampling=False, overlong="filter"),  # Hu 2025
+    ppo=dict(advantage="gae", loss_agg="token-mean", eps_low=0.2, eps_high=0.2, kl="off", beta=0.0,
+             kl_reward=0.01, dynamic_sampling=False, overlong="filter"),                 # ppo.ppo_step
+)
+CAPS = dict(math=96, code=48, tool=40)  # response budgets, as evaluate.py's MAX_NEW: train what is evaluated
+
+
+def resolve_algo(cfg):
+    """Fill the None keys from ALGOS[algo]; cast the given ones (they arrive as strings)."""
+    if cfg["algo"] not in ALGOS:
+        fail(f"--algo {cfg['algo']!r}: expected one of {', '.join(ALGOS)}")
+    for k, v in ALGOS[cfg["algo"]].items():
+        given = cfg[k]
+        if given is None:
+            cfg[k] = v
+        elif isinstance(v, bool):
+            cfg[k] = str(given).lower() in ("1", "true", "yes", "on")
+        else:
+            cfg[k] = type(v)(given)
+    if cfg["overlong"] not in ("filter", "shape", "none") or cfg["loss_agg"] not in grpo.LOSS_AGG:
+        fail(f"--overlong filter|shape|none, --loss-agg {grpo.LOSS_AGG}; got {cfg['overlong']!r}, {cfg['loss_agg']!r}")
+    if cfg["algo"] != "ppo" and cfg["advantage"] not in grpo.ADVANTAGES:
+        fail(f"--advantage {cfg['advantage']!r}: expected one of {grpo.ADVANTAGES}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- tasks and the curriculum
+
+def parse_mix(mix):
+    """'math:2,code:1,tool:1' -> {'math': 2.0, 'code': 1.0, 'tool': 1.0}."""
+    try:
+        out = {f: float(w) for f, w in (part.split(":") for part in mix.split(","))}
+    except ValueError:
+        fail(f"--mix {mix!r}: expected family:weight pairs like math:2,code:1,tool:1")
+    if not out or set(out) - set(CAPS) or min(out.values()) < 0:
+        fail(f"--mix {mix!r}: families are {', '.join(CAPS)}, weights >= 0")
+    return out
+
+
+def bucket_of(task):
+    """The difficulty bucket the curriculum tracks: math (digits, steps), tool operand lengths,
+    code template; prompts from --data share one bucket per family."""
+    m = task.meta
+    if task.family == "math" and "digits" in m:
+        return f"math d{m['digits']} s{m['steps']}"
+    if task.family == "tool" and "a" in m:
+        return f"tool {len(str(m['a']))}x{len(str(m['b']))}"
+    if task.family == "code" and "template" in m:
+        return f"code {m['template']}"
+    return task.family
+
+
+def load_pool(cfg):
+    """Training tasks: train-split tasks of the --mix families, or the --data RL JSONL
+    ({"prompt","answer"} -> math, {"prompt","test","entry_point"} -> code)."""
+    if cfg["data"]:
+        if not os.path.exists(cfg["data"]):
+            fail(f"{cfg['data']}: no such file")
+        try:
+            rows = read_jsonl(cfg["data"], "rl")
+        except DataError as e:
+            fail(str(e))
+        return [tasks.Task("math", r["prompt"], str(r["answer"]), []) if "answer" in r else
+                tasks.Task("code", r["prompt"], None, [], test=r["test"], entry_point=r["entry_point"]) for r in rows]
+    mix = {f: w for f, w in parse_mix(cfg["mix"]).items() if w > 0}
+    knobs = dict(math=dict(digits=cfg["math_digits"] or None, steps=cfg["math_steps"] or None),
+                 tool=dict(digits=cfg["tool_digits"]), code=dict(level=cfg["code_level"]))
+    per = max(1, cfg["n_prompts"] // len(mix))
+    return [t for f in mix for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"], **knobs[f])]
+
+
+def draw_prompts(pool, bucket, p, quota, cfg, gen):
+    """Indices into pool: quota[f] tasks of each family, without replacement. With the curriculum
+    a task is drawn with weight p(1-p) + floor, p its bucket's running success rate: buckets the
+    policy solves sometimes give groups with a reward spread, the only ones with a gradient."""
+    w = p[bucket] * (1 - p[bucket]) + cfg["curriculum_floor"] if cfg["curriculum"] else torch.ones(len(pool))
+    out = []
+    for fam, n in quota.items():
+        idx = torch.tensor([i for i, t in enumerate(pool) if t.family == fam])
+        if n and len(idx):
+            out += idx[torch.multinomial(w[idx], min(n, len(idx)), replacement=False, generator=gen)].tolist()
+    return out
+
+
+def family_quota(pool, n, mix):
+    """n prompts split over the families in proportion to --mix (remainder to the first)."""
+    fams = [f for f in mix if mix[f] > 0 and any(t.family == f for t in pool)]
+    total = sum(mix[f] for f in fams)
+    quota = {f: int(n * mix[f] / total) for f in fams}
+    quota[fams[0]] += n - sum(quota.values())
+    return quota
+
+
+def update_curriculum(p, buckets, success, alpha):
+    """p_b <- (1-α) p_b + α mean(success in b), for buckets seen this step (counts all-reduced)."""
+    s = all_reduce_sum(torch.zeros_like(p).index_add_(0, buckets, success.float().cpu()))
+    n = all_reduce_sum(torch.zeros_like(p).index_add_(0, buckets, torch.ones(len(buckets))))
+    hit = n > 0
+    p[hit] = (1 - alpha) * p[hit] + alpha * s[hit] / n[hit]
+
+
+# ----------------------------------------------------------------------------- rewards: verifiers behind a format gate
+
+_SPECIAL = re.compile(r"<\|[a-z]+\|>")
+_ANSWER_LINE = re.compile(r"Answer: -?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def clean(text):
+    """Special tokens become line breaks (as the gold judge reads a response)."""
+    return _SPECIAL.sub("\n", text).strip()
+
+
+def answer_format(text):
+    """Math/tool format: the last line is 'Answer: N' and it is the only answer given."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return bool(lines) and _ANSWER_LINE.fullmatch(lines[-1]) is not None and text.lower().count("answer") == 1
+
+
+def code_shape(code, entry_point):
+    """(parses, defines entry_point as a top-level def)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False, False
+    return True, any(isinstance(n, ast.FunctionDef) and n.name == entry_point for n in tree.body)
+
+
+def judge(task_list, texts, cache, math_tools=False):
+    """Verifier verdicts and format flags, (B,) float tensors each.
+
+    correct: math verify_math; tool verify_tool (>= 1 well-formed calc call and the right answer);
+    code passes its tests in the sandbox (run_code_batch, parallel; identical programs run once:
+    `cache` maps (code, test, entry_point) -> passed; a program that does not parse is not run).
+    format: math/tool answer_format (math: no calc call unless math_tools: working, not the
+    calculator); code defines the asked function.
+    """
+    correct, fmt, todo = [0.0] * len(texts), [0.0] * len(texts), {}
+    for i, (t, x) in enumerate(zip(task_list, texts)):
+        c = clean(x)
+        if t.family == "code":
+            code = verifiers.extract_code(c)
+            parses, defines = code_shape(code, t.entry_point)
+            fmt[i] = float(defines)
+            key = (code, t.test, t.entry_point)
+            if key in cache:
+                correct[i] = cache[key]
+            elif parses:
+                todo.setdefault(key, []).append(i)
+        elif t.family == "tool":
+            fmt[i], correct[i] = float(answer_format(c)), verifiers.verify_tool(x, t.answer)
+        else:
+            fmt[i] = float(answer_format(c) and (math_tools or "calc(" not in c))
+            correct[i] = verifiers.verify_math(c, t.answer)
+    keys = list(todo)
+    for k, r in zip(keys, verifiers.run_code_batch([dict(code=k[0], test=k[1], entry_point=k[2]) for k in keys])):
+        cache[k] = float(r["passed"])
+        for i in todo[k]:
+            correct[i] = cache[k]
+    if len(cache) > 200_000:
+        cache.clear()  # bounded memory on long runs
+    return torch.tensor(correct), torch.tensor(fmt)
+
+
+def overlong_penalty(length, cap, buffer):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), L_max = cap, L_cache = buffer:
+      0 if L <= L_max - L_cache;  ((L_max - L_cache) - L) / L_cache if L <= L_max;  -1 beyond.
+    Example: cap 96, buffer 12: L = 84 -> 0, 90 -> -0.5, 96 -> -1, 97 -> -1."""
+    soft = ((cap - buffer) - length) / buffer
+    return torch.where(length > cap, torch.full_like(soft, -1.0), soft.clamp(max=0.0))
+
+
+def score(task_list, batch, cfg, cache):
+    """Rewards (B,) and per-row facts. reward = correct x format (the format GATE: a response in a
+    broken format earns 0 whatever its answer). Truncation (no stop token within the family's
+    budget CAPS) is handled by --overlong:
+      filter  the row's reward is 0 and its loss is masked out (DAPO §3.4, overlong filtering)
+      shape   reward = 0 + DAPO's soft length penalty (-1 once truncated), trained on (DAPO §3.4)
+      none    reward 0, trained on like any wrong answer
+    With shape, finished responses inside the last overlong_buffer fraction of the budget pay
+    the soft penalty as well. Filtering edits batch["resp_mask"] in place."""
+    dev = batch["ids"].device
+    correct, fmt = judge(task_list, batch["texts"], cache, cfg["math_tools"])
+    correct, fmt = correct.to(dev), fmt.to(dev)
+    cap = torch.tensor([float(CAPS[t.family]) for t in task_list], device=dev)
+    length = batch["attn_mask"][:, batch["prompt_len"]:].sum(1).float()  # tool tokens count: they use the budget
+    truncated = ~batch["finished"] | (length > cap)
+    success = correct * fmt * (~truncated)
+    reward = success.clone()
+    if cfg["overlong"] == "shape":
+        reward = reward + overlong_penalty(length, cap, (cap * cfg["overlong_buffer"]).clamp(min=1))
+    elif cfg["overlong"] == "filter":
+        batch["resp_mask"] *= (~truncated).float()[:, None]
+    family = torch.tensor([list(CAPS).index(t.family) for t in task_list], device=dev)
+    return reward, dict(correct=correct, format=fmt, success=success, truncated=truncated.float(), length=length,
+                        family=family)
+
+
+# ----------------------------------------------------------------------------- one step's batch
+
+def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
+    """Draw prompts, roll out G responses each, score them. With dynamic sampling (DAPO §3.2)
+    groups whose rewards are all equal are dropped and fresh prompts drawn, up to ds_max_tries
+    rollouts; if nothing is left the last rollout is kept (its advantages are 0) so every DDP rank
+    joins the update. Returns (batch, rewards, facts, fraction of groups dropped)."""
+    G, want, mix = cfg["group_size"], cfg["prompts_per_step"], parse_mix(cfg["mix"])
+    gen = torch.Generator().manual_seed((cfg["seed"] * 1_000_003 + step) * 1009 + rank)  # each rank its own prompts
+    parts, kept, seen = [], 0, 0
+    for attempt in range(cfg["ds_max_tries"] if cfg["dynamic_sampling"] else 1):
+        idx = draw_prompts(pool, bucket, p, family_quota(pool, want - kept, mix), cfg, gen)
+        task_list = [pool[i] for i in idx for _ in range(G)]
+        cap = max(CAPS[pool[i].family] for i in idx)
+        batch = grpo.rollout(model, tok, [pool[i].prompt for i in idx], G, cap, cfg["temperature"],
+                             cfg["top_k"], cfg["top_p"], tools=True)
+        reward, facts = score(task_list, batch, cfg, cache)
+        if cfg["curriculum"]:
+            update_curriculum(p, bucket[torch.tensor(idx)].repeat_interleave(G), facts["success"], cfg["curriculum_alpha"])
+        seen += len(idx)
+        rows = torch.arange(len(reward), device=reward.device)
+        if cfg["dynamic_sampling"]:
+            r = reward.view(-1, G)
+            rows = (r != r[:, :1]).any(1).repeat_interleave(G).nonzero().flatten()
+            if len(rows) == 0 and attempt == cfg["ds_max_tries"] - 1 and not parts:
+                rows = torch.arange(len(reward), device=reward.device)
+        if len(rows):
+            parts.append((grpo.select_rows(batch, rows), reward[rows], {k: v[rows] for k, v in facts.items()}))
+        kept += len(rows) // G
+        if kept >= want:
+            break
+    batch = grpo.concat_rollouts([b for b, _, _ in parts], tok.pad_id) if len(parts) > 1 else parts[0][0]
+    facts = {k: torch.cat([f[k] for _, _, f in parts]) for k in parts[0][2]}
+    return batch, torch.cat([r for _, r, _ in parts]), facts, 1 - min(kept, seen) / seen
+
+
+def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
+    """(B,T-1) advantage of each target token, 0 wherever resp_mask is 0 (prompt, padding, tool
+    output, filtered rows). Group kinds give every token of response i its A_i; REINFORCE++ puts
+    the reward on the last sampled token, a -β·k1 KL term on every sampled token (kl_reward > 0),
+    and whitens the returns over the batch."""
+    mask = batch["resp_mask"]
+    if cfg["advantage"].startswith("reinforce_pp"):
+        r = rewards
+        if cfg["kl_reward"] > 0:
+            last, any_valid = grpo.last_valid(mask)
+            kl = grpo.kl_estimate(old_logp, ref_logp, "k1") * mask
+            r = (-cfg["kl_reward"] * kl).scatter_add(1, last[:, None], (rewards.float() * any_valid)[:, None])
+        return grpo.reinforce_pp_advantages(r, mask, cfg["advantage"], cfg["group_size"])
+    return grpo.group_advantages(rewards, cfg["group_size"], cfg["advantage"])[:, None] * mask
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def passk_from_counts(n, counts, ks):
+    """Mean over problems of the unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    return {k: sum(verifiers.pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks if k <= n}
+
+
+@torch.no_grad()
+def passk_eval(model, tok, families=("math", "code", "tool"), n_problems=20, n_samples=16, ks=(1, 4, 16),
+               temperature=1.0, seed=0, cache=None):
+    """Unbiased pass@k on the first n_problems test tasks of each family (the greedy eval's own
+    tasks), from n_samples samples each at `temperature`, tools on. Correct = the eval metrics'
+    verdict (math verify_math, code sandbox, tool verify_tool), no format gate.
+    Returns {"math_pass@1": ..., "math_pass@4": ..., ...} (fractions)."""
+    import evaluate
+    device = next(model.parameters()).device
+    task_list = [t for f in families for t in tasks.make_tasks(f, "test", n_problems, seed=1234)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    texts, _ = evaluate.respond(model, tok, task_list, temperature, n_samples, generator=gen)
+    correct, _ = judge([t for t in task_list for _ in range(n_samples)], texts, {} if cache is None else cache, True)
+    counts = correct.view(len(task_list), n_samples).sum(1).long().tolist()
+    out = {}
+    for i, f in enumerate(families):
+        for k, v in passk_from_counts(n_samples, counts[i * n_problems:(i + 1) * n_problems], ks).items():
+            out[f"{f}_pass@{k}"] = v
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model, tok, cfg, cache):
+    """Greedy test-split metrics (evaluate.quick_eval: math_acc, code_pass1, tool_acc, ...), the
+    tool tasks answered with tools off (tool_acc_no_tools: can it do them in its head?), pass@k."""
+    import evaluate
+    m = evaluate.quick_eval(model, tok, cfg["eval_n"], split="test")
+    tool = [t for t in tasks.eval_tasks("test", cfg["eval_n"]) if t.family == "tool"]
+    out = generate_responses(model, tok, [t.prompt for t in tool], CAPS["tool"], 0.0, tools=False)
+    m["tool_acc_no_tools"] = sum(verifiers.verify_math(clean(x), t.answer) for t, x in zip(tool, out["texts"])) / len(tool)
+    if cfg["passk_problems"]:
+        m.update(passk_eval(model, tok, n_problems=cfg["passk_problems"], n_samples=cfg["passk_samples"],
+                            temperature=cfg["temperature"], seed=cfg["seed"], cache=cache))
+    return m
+
+
+def print_before_after(before, after):
+    keys = ["math_acc", "code_pass1", "tool_acc", "tool_acc_no_tools", "format", "refusal_unsafe", "overrefusal_safe"]
+    keys += sorted(k for k in after if "_pass@" in k)
+    for k in keys:
+        if k in after:
+            print(f"rlvr: {k:18s} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg = resolve_algo(parse_config(DEFAULTS, PRESETS, argv, description=__doc__))
+    device, rank, world = setup(cfg)
+    t0 = time.time()
+    model, ref_model, tok = grpo.load_policy(cfg["init"], device)  # eval mode: no dropout, ρ = 1 on-policy
+    pool = load_pool(cfg)
+    names = sorted({bucket_of(t) for t in pool})
+    bucket = torch.tensor([names.index(bucket_of(t)) for t in pool])
+    p = torch.full((len(names),), 0.5)  # running success rate per bucket, before any evidence
+    cache, log, G, T = {}, MetricLog(cfg["out"], "rlvr", enabled=rank == 0), cfg["group_size"], cfg["temperature"]
+    before = evaluate_model(ref_model, tok, cfg, cache) if rank == 0 and cfg["eval_n"] else {}
+    if rank == 0:
+        print(f"rlvr: {cfg['algo']} on {len(pool)} prompts ({len(names)} buckets), init {cfg['init']}; "
+              f"before: math {before.get('math_acc', float('nan')):.3f}, code {before.get('code_pass1', float('nan')):.3f}, "
+              f"tool {before.get('tool_acc', float('nan')):.3f} ({time.time() - t0:.0f}s)")
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg["algo"] == "ppo":  # ppo.py's critic (from the policy, zero value head), clipped value loss, GAE
+        import ppo
+        critic = ppo.make_critic(dict(cfg, critic_init="policy"), model, tok, device)[0]
+        copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
+        train_critic = torch.nn.parallel.DistributedDataParallel(critic) if world > 1 else critic
+        pcfg = dict(cfg, epochs=cfg["iterations"], eps_clip=cfg["eps_low"], max_new_tokens=max(CAPS.values()))
+    ucfg = dict(cfg, max_new_tokens=max(CAPS.values()))  # Dr. GRPO's constant normaliser L_max
+    t_train, steps_done = time.time(), 0
+
+    for step in (bar := tqdm(range(cfg["steps"]), disable=rank != 0, desc=f"rlvr-{cfg['algo']}")):
+        over = float(cfg["max_train_s"] > 0 and time.time() - t_train > cfg["max_train_s"])
+        if all_reduce_sum(torch.tensor([over])).item() > 0:  # every rank stops at the same step
+            break
+        set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"], min_ratio=1.0))  # constant after warmup
+        batch, rewards, facts, dropped = sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache)
+        if cfg["algo"] == "ppo":
+            set_lr(copt, lr_at(step, cfg["steps"], cfg["critic_lr"], cfg["warmup"], min_ratio=1.0))
+            exp, stats = ppo.ppo_step(train_model, ref_model, train_critic, opt, copt, batch, rewards, cfg["kl_reward"], pcfg)
+            stats["kl_seq"] = float((exp["kl"].sum(1)).mean())
+        else:
+            ref_logp = grpo.batched_logprobs(ref_model, batch, T, cfg["micro_batch"], cfg["dtype"])
+            off_policy = cfg["iterations"] > 1 or cfg["minibatches"] > 1 or cfg["kl_reward"] > 0
+            old_logp = grpo.batched_logprobs(model, batch, T, cfg["micro_batch"], cfg["dtype"]) if off_policy else None
+            adv_tok = advantages(rewards, batch, cfg, old_logp, ref_logp)
+            stats = grpo.update(train_model, ref_model, opt, batch, adv_tok, ucfg, old_logp=old_logp, ref_logp=ref_logp)
+        steps_done += 1
+        r = rewards.view(-1, G) if len(rewards) % G == 0 else rewards.view(-1, 1)
+        row = dict(stats, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
+                   success=float(facts["success"].mean()), format=float(facts["format"].mean()),
+                   truncated=float(facts["truncated"].mean()), length=float(facts["length"].mean()),
+                   zero_adv_groups=float((r == r[:, :1]).all(1).float().mean()), ds_dropped=dropped,
+                   lr=opt.param_groups[0]["lr"])
+        for i, f in enumerate(CAPS):  # success per family: which verifier is the policy beating?
+            on = facts["family"] == i
+            if on.any():
+                row[f"success_{f}"] = float(facts["success"][on].mean())
+        log.log(step, **row)
+        bar.set_postfix(r=f"{row['reward']:.2f}", ok=f"{row['success']:.2f}", kl=f"{row.get('kl_seq', 0):.2f}",
+                        zero=f"{row['zero_adv_groups']:.2f}")
+
+    train_s = time.time() - t_train
+    if rank != 0:
+        return
+    after = evaluate_model(model, tok, cfg, cache) if cfg["eval_n"] else {}
+    metrics = dict(after, **{f"{k}_init": v for k, v in before.items()}, train_s=train_s, steps_done=steps_done,
+                   curriculum={n: round(float(v), 3) for n, v in zip(names, p)}, wall_s=time.time() - t0)
+    save_checkpoint(cfg["out"], model, tok, "rlvr", parent=cfg["init"], config=cfg, metrics=metrics,
+                    optimizer=opt, step=steps_done)
+    if after:
+        print_before_after(before, after)
+    print(f"rlvr: {steps_done} steps, train {train_s:.0f}s, total {metrics['wall_s']:.0f}s -> {cfg['out']}")
+
+
+if __name__ == "__main__":
+    main()

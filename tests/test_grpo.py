@@ -1,0 +1,319 @@
+"""grpo.py: the advantage, KL and loss kernels against hand-computed values and slow obvious
+implementations, the rollout contract, micro-batch invariance, a smoke run of the script for
+every advantage estimator, and a bandit that GRPO must learn."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+from data import render_prompt
+from grpo import aggregate, clipped_surrogate, group_advantages, kl_estimate, reinforce_pp_advantages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def run(args, timeout=300):
+    r = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, f"{args}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def tiny_stack(factory):
+    """tiny base -> sft (-> rm when reward.py exists), built once per session (in-process: a fresh
+    interpreter per stage costs more than the stage) and shared with test_ppo.py through the
+    session's base temp dir."""
+    d = factory.getbasetemp() / "rl_tiny"
+    sft, rm = d / "sft.pt", d / "rm.pt"
+    if not sft.exists():
+        import pretrain
+        import sft as sft_stage
+        d.mkdir(exist_ok=True)
+        pretrain.main(["--preset", "tiny", "--out", str(d / "base.pt")])
+        sft_stage.main(["--preset", "tiny", "--init", str(d / "base.pt"), "--out", str(sft), "--eval-tasks", "0"])
+        if os.path.exists(os.path.join(ROOT, "reward.py")):
+            import reward
+            reward.main(["--preset", "tiny", "--init", str(sft), "--out", str(rm)])
+    return dict(sft=str(sft), rm=str(rm) if rm.exists() else None, dir=d)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    return tiny_stack(tmp_path_factory)
+
+
+# ----------------------------------------------------------------------------- group advantages
+
+def test_grpo_advantage_hand_computed_with_bessel_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0])
+    adv = group_advantages(r, 4, "grpo", eps=0.0)
+    # group 1: mean 0.25, unbiased std sqrt(0.75/3 ... ) = 0.5
+    std1 = math.sqrt(((0.75 ** 2) + 3 * 0.25 ** 2) / 3)
+    assert std1 == pytest.approx(0.5)
+    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    std2 = torch.tensor([2.0, 4.0, 6.0, 8.0]).std(correction=1)
+    assert torch.allclose(adv[4:], (torch.tensor([2.0, 4.0, 6.0, 8.0]) - 5.0) / std2)
+    assert torch.allclose(group_advantages(r, 4, "dr_grpo")[4:], torch.tensor([-3.0, -1.0, 1.0, 3.0]))
+
+
+def test_identical_rewards_and_singleton_groups_give_zero():
+    r = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.3, 0.9, 0.5])
+    for kind in ("grpo", "dr_grpo", "rloo"):
+        adv = group_advantages(r, 3, kind)
+        assert torch.equal(adv[:6], torch.zeros(6)), kind  # exactly 0, not 1e-11 from rounding
+        assert adv[6:].abs().sum() > 0
+        single = group_advantages(torch.tensor([0.3, -1.0, 2.0]), 1, kind)
+        assert torch.equal(single, torch.zeros(3)) and torch.isfinite(single).all(), kind
+
+
+def test_rloo_is_leave_one_out():
+    torch.manual_seed(0)
+    G = 5
+    r = torch.randn(4 * G)
+    adv = group_advantages(r, G, "rloo")
+    for i in range(len(r)):
+        g = i // G
+        others = [r[j] for j in range(g * G, (g + 1) * G) if j != i]
+        assert adv[i].item() == pytest.approx((r[i] - sum(others) / (G - 1)).item(), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- REINFORCE++
+
+def naive_returns(tok_r, mask):
+    out = torch.zeros_like(tok_r)
+    for i in range(tok_r.shape[0]):
+        acc = 0.0
+        for t in reversed(range(tok_r.shape[1])):
+            if mask[i, t]:
+                acc += tok_r[i, t].item()
+                out[i, t] = acc
+    return out
+
+
+def test_reinforce_pp_whitened_and_reset_at_eos():
+    torch.manual_seed(0)
+    B, T = 6, 9
+    mask = (torch.rand(B, T) > 0.3).float()
+    mask[:, 0] = 1
+    tok_r = torch.randn(B, T)
+    adv = reinforce_pp_advantages(tok_r, mask)
+    valid = mask.bool()
+    assert adv[valid].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert adv[valid].var(correction=0).item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(adv[~valid], torch.zeros(int((~valid).sum())))
+    G = naive_returns(tok_r, mask)  # per row: nothing crosses from one sequence into the next
+    expect = (G - G[valid].mean()) / G[valid].std(correction=0)
+    assert torch.allclose(adv[valid], expect[valid], atol=1e-5)
+    # a reward in row 1 moves row 0's returns only through the shared whitening statistics
+    tok_r2 = tok_r.clone()
+    tok_r2[1] += 100.0
+    assert torch.allclose(naive_returns(tok_r2, mask)[0], G[0])
+
+
+def test_reinforce_pp_sequence_reward_on_last_token_and_baseline():
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]]).float()
+    r = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    adv = reinforce_pp_advantages(r, mask, "reinforce_pp")
+    # γ = 1 with a terminal reward: every valid token of a row carries the row's reward
+    raw = r[:, None] * mask
+    valid = mask.bool()
+    expect = (raw - raw[valid].mean()) / raw[valid].std(correction=0)
+    assert torch.allclose(adv[valid], expect[valid], atol=1e-5)
+    base = reinforce_pp_advantages(r, mask, "reinforce_pp_baseline", group_size=2)
+    raw_b = (r - torch.tensor([0.5, 0.5, 2.0, 2.0]))[:, None] * mask  # minus the group mean
+    expect_b = (raw_b - raw_b[valid].mean()) / raw_b[valid].std(correction=0)
+    assert torch.allclose(base[valid], expect_b[valid], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- KL estimators
+
+def test_kl_estimators_on_a_categorical():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1], dtype=torch.float64)  # the policy (samples come from it)
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)  # the reference
+    exact = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 400_000, replacement=True, generator=g)
+    logp, ref_logp = p.log()[x], q.log()[x]
+    k1, k2, k3 = (kl_estimate(logp, ref_logp, k) for k in ("k1", "k2", "k3"))
+    assert k1.mean().item() == pytest.approx(exact, abs=4e-3)
+    assert k3.mean().item() == pytest.approx(exact, abs=4e-3)
+    assert (k2 >= 0).all() and (k3 >= 0).all() and (k1 < 0).any()
+    assert k3.var() < k1.var()  # the point of k3: same mean, lower variance
+
+
+def test_k3_stable_for_tiny_log_ratios():
+    logp = torch.zeros(5)
+    x = torch.tensor([1e-3, 1e-4, 3e-5, 1e-5, -1e-4])  # log π_ref - log π, float32
+    k3 = kl_estimate(logp, x, "k3")
+    assert (k3 >= 0).all()
+    assert torch.allclose(k3.double(), (x.double() ** 2) / 2, rtol=1e-2)  # e^x - 1 - x ≈ x²/2
+    naive = torch.exp(x) - 1 - x
+    assert not torch.allclose(naive.double(), (x.double() ** 2) / 2, rtol=1e-2)  # why expm1
+
+
+# ----------------------------------------------------------------------------- clipped loss
+
+def grad_of(ratio, adv, **kw):
+    logp = torch.tensor([math.log(ratio)], requires_grad=True)
+    loss, clipped = clipped_surrogate(logp, torch.zeros(1), torch.tensor([adv]), **kw)
+    loss.sum().backward()
+    return logp.grad.item(), loss.item(), bool(clipped.item())
+
+
+def test_clip_zero_gradient_outside_range_on_clipped_side():
+    kw = dict(eps_low=0.2, eps_high=0.2)
+    assert grad_of(1.5, 1.0, **kw)[0] == 0.0 and grad_of(1.5, 1.0, **kw)[2]    # A>0, ρ>1+ε: clipped
+    assert grad_of(0.5, -1.0, **kw)[0] == 0.0 and grad_of(0.5, -1.0, **kw)[2]  # A<0, ρ<1-ε: clipped
+    g, loss, c = grad_of(0.5, 1.0, **kw)  # A>0, ρ<1-ε: the unclipped side keeps its gradient
+    assert g == pytest.approx(-0.5) and not c
+    g, loss, c = grad_of(1.5, -1.0, **kw)
+    assert g == pytest.approx(1.5) and loss == pytest.approx(1.5) and not c
+    g, loss, _ = grad_of(1.1, 2.0, **kw)  # inside: -A ρ, dL/dlogρ = -A ρ
+    assert g == pytest.approx(-2.2) and loss == pytest.approx(-2.2)
+
+
+def test_asymmetric_clip_higher():
+    kw = dict(eps_low=0.2, eps_high=0.28)
+    assert grad_of(1.25, 1.0, **kw)[0] != 0.0         # inside 1 + ε_high
+    assert grad_of(1.3, 1.0, **kw)[0] == 0.0          # past it
+    assert grad_of(1.3, 1.0, **kw)[1] == pytest.approx(-1.28)
+    assert grad_of(0.79, -1.0, **kw)[0] == 0.0        # below 1 - ε_low
+    assert grad_of(0.79, -1.0, **kw)[1] == pytest.approx(0.8)
+
+
+def test_dual_clip_bounds_negative_advantages():
+    g, loss, c = grad_of(10.0, -1.0, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    assert loss == pytest.approx(3.0) and g == 0.0 and c  # bounded at -c·A
+    g, loss, c = grad_of(2.0, -1.0, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    assert loss == pytest.approx(2.0) and g == pytest.approx(2.0) and not c  # below the bound: plain PPO
+    assert grad_of(10.0, 1.0, eps_low=0.2, eps_high=0.2, dual_clip=3.0)[1] == pytest.approx(-1.2)  # A>0 untouched
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def test_aggregation_modes_hand_built():
+    loss = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2.0 + 4.0) / 2)
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", max_len=8).item() == pytest.approx(10 / (2 * 8))
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (2 * 4))
+    big = loss.clone()
+    big[0, 3] = 1e6  # masked positions never count
+    assert aggregate(big, mask, "token-mean").item() == pytest.approx(10 / 4)
+
+
+def test_token_mean_invariant_to_micro_batches(model, tok):
+    """The same gradient whether the batch goes through in one piece or in micro-batches with
+    the global token count as the denominator (what update does)."""
+    batch = grpo.rollout(model, tok, ["What is 1+2?", "hi", "def f(x):"], 2, 6, 1.0, tools=False)
+    torch.manual_seed(1)
+    adv = torch.randn(6)[:, None] * batch["resp_mask"]
+    old = grpo.batched_logprobs(model, batch, 1.0).detach() + 0.05 * torch.randn_like(batch["resp_mask"])
+    grads = []
+    for pieces in ([torch.arange(6)], [torch.tensor([0, 1]), torch.tensor([2, 3, 4]), torch.tensor([5])]):
+        model.zero_grad()
+        norm = batch["resp_mask"].sum()
+        for rows in pieces:
+            sub = grpo.select_rows(batch, rows)
+            loss_tok, _ = clipped_surrogate(grpo.policy_logprobs(model, sub, 1.0), old[rows], adv[rows], 0.2, 0.2)
+            aggregate(loss_tok, sub["resp_mask"], "token-mean", norm=norm).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- rollout contract
+
+def test_rollout_layout(model, tok):
+    prompts = ["What is 1+2?", "hi"]
+    b = grpo.rollout(model, tok, prompts, 3, 8, 1.0, tools=False)
+    B, T = b["ids"].shape
+    assert B == 6 and b["resp_mask"].shape == (6, T - 1) and b["prompts"] == [p for p in prompts for _ in range(3)]
+    assert b["group"].tolist() == [0, 0, 0, 1, 1, 1]
+    P = b["prompt_len"]
+    assert b["resp_mask"][:, :P - 1].sum() == 0  # nothing on the prompt
+    for i in range(B):
+        n = int(b["resp_mask"][i].sum())
+        assert b["attn_mask"][i, P:].sum() >= n and b["resp_mask"][i, P - 1:P - 1 + n].all()
+        if b["finished"][i]:  # the last sampled target is <|end|>
+            assert b["ids"][i, P + n - 1] == tok.end_id
+    # left padding: the shorter prompt's pads carry no attention
+    assert (b["attn_mask"][:, :P].sum(1) == torch.tensor([len(render_prompt(tok, p)) for p in b["prompts"]])).all()
+
+
+def test_concat_rollouts_keeps_rows(model, tok):
+    a = grpo.rollout(model, tok, ["hi"], 2, 4, 1.0, tools=False)
+    b = grpo.rollout(model, tok, ["What is 12+34? Please answer."], 2, 7, 1.0, tools=False)
+    c = grpo.concat_rollouts([a, b], tok.pad_id)
+    assert c["ids"].shape[0] == 4 and c["group"].tolist() == [0, 0, 1, 1]
+    lp_c = grpo.batched_logprobs(model, c, 1.0)
+    for part, rows in ((a, [0, 1]), (b, [2, 3])):  # same log-probs on the sampled tokens after re-padding
+        lp = grpo.batched_logprobs(model, part, 1.0)
+        assert torch.allclose((lp * part["resp_mask"]).sum(1), (lp_c[rows] * c["resp_mask"][rows]).sum(1), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_grpo_learns_a_bandit(model, tok):
+    """Reward 1 when the first sampled token is `target`: GRPO must raise the mean reward."""
+    torch.manual_seed(0)
+    prompt = ["What is 1+2?"]
+    with torch.no_grad():
+        b = grpo.rollout(model, tok, prompt, 64, 1, 1.0, tools=False)
+    target = torch.mode(b["ids"][:, b["prompt_len"]]).values.item()  # a token it samples sometimes
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cfg = dict(iterations=2, minibatches=2, micro_batch=32, eps_low=0.2, eps_high=0.28, kl="off")
+    curve = []
+    for step in range(15):
+        b = grpo.rollout(model, tok, prompt * 4, 16, 1, 1.0, tools=False)
+        r = (b["ids"][:, b["prompt_len"]] == target).float()
+        curve.append(r.mean().item())
+        adv = group_advantages(r, 16)[:, None] * b["resp_mask"]
+        grpo.update(model, None, opt, b, adv, cfg)
+    assert curve[0] < 0.6 and sum(curve[-3:]) / 3 > max(0.85, curve[0] + 0.3), curve
+
+
+# ----------------------------------------------------------------------------- smoke runs of the script
+
+@pytest.mark.parametrize("advantage", grpo.ADVANTAGES)
+def test_grpo_script_smoke(stack, advantage):
+    """Every estimator end to end with --preset tiny. The first runs as a real subprocess (the CLI,
+    the over-optimisation curve, the final evaluation); the others call main(argv) in-process,
+    the same code path without paying a fresh interpreter and torch import each."""
+    out = stack["dir"] / f"grpo_{advantage}.pt"
+    reward = ["--rm", stack["rm"]] if stack["rm"] else ["--reward", "gold"]
+    extra = dict(grpo=["--dynamic-sampling", "true", "--iterations", "2", "--minibatches", "2", "--dual-clip", "3",
+                       "--curve", "true", "--eval-tasks", "1"],
+                 dr_grpo=["--loss-agg", "seq-mean-token-sum-norm", "--kl", "off"],
+                 rloo=["--loss-agg", "seq-mean-token-mean", "--kl", "k1"],
+                 reinforce_pp=["--kl", "k2"], reinforce_pp_baseline=[])[advantage]
+    argv = ["--preset", "tiny", "--init", stack["sft"], "--out", str(out), "--advantage", advantage] + reward + extra
+    if advantage == "grpo":
+        run(["grpo.py"] + argv)
+    else:
+        grpo.main(argv + ["--eval-tasks", "0"])
+    from model import load_checkpoint
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["stage"] == "grpo" and ckpt["config"]["advantage"] == advantage
+    rows = [json.loads(l) for l in open(str(out).replace(".pt", ".jsonl"))]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and "kl_seq" in r for r in rows)
+    if advantage == "grpo":
+        assert "gold_winrate_vs_init" in ckpt["metrics"] and "kl_to_ref" in ckpt["metrics"]
+        table = open(stack["dir"] / "overoptimisation.md").read()
+        assert "Best-of-n" in table and "| 4 |" in table
+
+
+def test_bad_flag_and_bad_data_fail_cleanly(stack, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n{"prompt": 3}\n')
+    for args, msg in ((["--advantage", "nope"], "--advantage"), (["--data", str(bad)], "bad.jsonl:2")):
+        with pytest.raises(SystemExit) as e:
+            grpo.main(["--preset", "tiny", "--init", stack["sft"], "--reward", "gold", "--out", str(tmp_path / "x.pt")] + args)
+        assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""reward.py: the Bradley-Terry loss, the last-real-token read-out, gold-labelled pair sampling,
+the normalised scorer other stages load, and a smoke run of the script."""
+import json
+import math
+
+import pytest
+import torch
+
+import reward
+import tasks
+from conftest import run_script
+from data import read_jsonl
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+@pytest.fixture
+def rm(tok):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, scalar_head=True))
+    with torch.no_grad():  # larger than GPT-2's init so positions and pads would visibly matter
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_bt_loss_at_equal_scores_is_log_2():
+    for r in (0.0, 3.0, -7.5):
+        assert abs(reward.bt_loss(t(r), t(r)).item() - math.log(2)) < 1e-12
+
+
+def test_bt_loss_gradient_margin_and_centring_by_hand():
+    rc, rr = t(1.5).requires_grad_(), t(-0.5).requires_grad_()
+    reward.bt_loss(rc, rr).sum().backward()
+    s = 1 / (1 + math.exp(2.0))  # dL/dr_c = -sigmoid(-(r_c - r_r))
+    assert abs(rc.grad.item() + s) < 1e-12 and abs(rr.grad.item() - s) < 1e-12
+    # Llama 2's margin: the pair must win by m; at r_c - r_r = m the loss is log 2 again
+    assert abs(reward.bt_loss(t(2.0), t(1.0), margin=1.0).item() - math.log(2)) < 1e-12
+    # centring: + eta (r_c + r_r)^2, zero when the pair straddles 0 symmetrically
+    base = reward.bt_loss(t(3.0), t(1.0)).item()
+    assert abs(reward.bt_loss(t(3.0), t(1.0), center_coef=0.1).item() - (base + 0.1 * 16)) < 1e-12
+    assert abs(reward.bt_loss(t(1.0), t(-1.0), center_coef=0.1).item()
+               - reward.bt_loss(t(1.0), t(-1.0)).item()) < 1e-12
+    # and the loss falls as the score gap grows
+    vals = [reward.bt_loss(t(d), t(0.0)).item() for d in (-3, -1, 0, 1, 3)]
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+
+
+# ----------------------------------------------------------------------------- read-out
+
+def test_score_is_read_at_the_last_real_token_under_right_padding(rm):
+    a, b = [5, 9, 33, 70, 2], [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    alone = reward.last_token_scores(rm, torch.tensor([a]), torch.tensor([len(a)]))
+    ids = torch.tensor([a + [0] * 4, b])
+    batched = reward.last_token_scores(rm, ids, torch.tensor([len(a), len(b)]))
+    assert abs(batched[0].item() - alone[0].item()) < 1e-5
+    assert abs(batched[1].item() - reward.last_token_scores(rm, torch.tensor([b]), torch.tensor([9]))[0].item()) < 1e-5
+    # different tokens (so different outputs) at the pad positions do not change the score ...
+    ids2 = ids.clone()
+    ids2[0, len(a):] = torch.tensor([200, 201, 202, 203])
+    again = reward.last_token_scores(rm, ids2, torch.tensor([len(a), len(b)]))
+    assert abs(again[0].item() - alone[0].item()) < 1e-5
+    # ... while the head's output at the last position (a pad) does change: reading it would be a bug
+    assert abs(rm.score(rm(ids2))[0, -1].item() - rm.score(rm(ids))[0, -1].item()) > 1e-3
+
+
+def test_render_response_makes_tool_turns_special_tokens(tok):
+    text = "calc(12*34)<|call|><|tool|>408<|end|><|assistant|>Answer: 408"
+    ids, mask = reward.render_response(tok, "What is 12*34?", text)
+    assert ids.count(tok.call_id) == 1 and ids.count(tok.role_id["tool"]) == 1
+    tool_at = ids.index(tok.role_id["tool"])
+    assert mask[tool_at:tool_at + 4] == [0, 0, 0, 0]  # header, '4','0','8' of the tool output
+    assert ids[-1] == tok.end_id and mask[-1] == 1
+
+
+def test_load_reward_model_normalises_and_batches(rm, tok, tmp_path):
+    path = tmp_path / "rm.pt"
+    save_checkpoint(path, rm, tok, "reward", extra=dict(reward_mean=0.25, reward_std=2.0))
+    score = reward.load_reward_model(str(path), batch_size=2)
+    prompts = ["What is 2+3?", "What is 12*34?", "Help me cut a mango."]
+    responses = ["Answer: 5", "calc(12*34)<|call|><|tool|>408<|end|><|assistant|>Answer: 408", "Slice it."]
+    got = score(prompts, responses)
+    assert got.shape == (3,) and not got.requires_grad
+    for i in range(3):
+        ids, _ = reward.render_response(tok, prompts[i], responses[i])
+        raw = reward.last_token_scores(rm, torch.tensor([ids]), torch.tensor([len(ids)]))[0].item()
+        assert abs(got[i].item() - (raw - 0.25) / 2.0) < 1e-5
+    save_checkpoint(tmp_path / "policy.pt", GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1,
+                                                          n_head=1, n_embd=8)), tok, "sft")
+    with pytest.raises(ValueError, match="not a reward model"):
+        reward.load_reward_model(str(tmp_path / "policy.pt"))
+
+
+# ----------------------------------------------------------------------------- pairs
+
+def test_sampled_pairs_follow_the_gold_judge(tiny_sft):
+    ckpt = load_checkpoint(tiny_sft / "sft.pt")
+    pairs = reward.sample_preference_pairs(ckpt["model"], ckpt["tokenizer"], 12, seed=3)
+    assert pairs and {p["family"] for p in pairs} <= set(tasks.FAMILIES)
+    by_prompt = {t.prompt: t for f in tasks.FAMILIES for t in tasks.make_tasks(f, "train", 3, seed=3)}
+    for p in pairs:
+        task = by_prompt[p["prompt"]]  # a train-split prompt of the family it claims
+        assert task.family == p["family"]
+        assert tasks.gold_score(task, p["chosen"])["score"] > tasks.gold_score(task, p["rejected"])["score"]
+    flipped = reward.sample_preference_pairs(ckpt["model"], ckpt["tokenizer"], 12, seed=3, label_noise=1.0)
+    assert [(p["chosen"], p["rejected"]) for p in flipped] == [(p["rejected"], p["chosen"]) for p in pairs]
+
+
+# ----------------------------------------------------------------------------- script
+
+def test_reward_script_smoke(tiny_sft, tmp_path):
+    out = tmp_path / "rm.pt"
+    run_script("reward.py", "--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", out)
+    ckpt = load_checkpoint(out)
+    assert ckpt["stage"] == "reward" and ckpt["model"].score_head is not None
+    assert 0.0 <= ckpt["metrics"]["val_acc"] <= 1.0 and ckpt["extra"]["reward_std"] > 0
+    block = ckpt["model"].config.block_size
+    pairs = [p for p in read_jsonl(tmp_path / "prefs_reward.jsonl", "pref")  # those that fit, as trained
+             if max(len(reward.render_response(ckpt["tokenizer"], p["prompt"], p[k])[0]) for k in ("chosen", "rejected")) <= block]
+    # the stored normalisation makes the training responses mean 0 / std 1
+    score = reward.load_reward_model(str(out))
+    r = score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    assert abs(r.mean().item()) < 0.05 and abs(r.std().item() - 1) < 0.05
+    rows = [json.loads(line) for line in open(tmp_path / "rm.jsonl")]
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-4  # zero-initialised head: every pair starts at log 2
+
+
+def test_reward_script_rejects_a_malformed_line(tiny_sft, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    proc = run_script("reward.py", "--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", tmp_path / "x.pt",
+                      "--data", data, check=False)
+    assert proc.returncode == 2 and f"{data}:2" in proc.stderr and "Traceback" not in proc.stderr
