@@ -50,7 +50,7 @@ DEFAULTS = dict(
     student_layers=2, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
     batch_size=64, micro_batches=4, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
-    eval_tasks=100, seed=0, device="auto", dtype="bf16",
+    eval_tasks=200, threads=1, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
@@ -365,6 +365,16 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
     return student.eval()
 
 
+def score_on_test(model, tok, n):
+    """evaluate.quick_eval's metrics on the test split, with n math and n tool tasks (the
+    distillation targets: more tasks, tighter numbers) and at most 60 code and safety tasks (their
+    test splits hold only ~80 and ~67 distinct prompts); the first 60 of each are quick_eval's."""
+    task_list = [t for f in tasks.FAMILIES
+                 for t in tasks.make_tasks(f, "test", n if f in ("math", "tool") else min(n, 60), seed=1234)]
+    texts, lengths = evaluate.respond(model, tok, task_list)
+    return evaluate.score_responses(task_list, texts, lengths)
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
     if cfg["mode"] not in ("logit", "seq", "onpolicy", "sft"):
@@ -372,6 +382,10 @@ def main(argv=None):
     if cfg["div"] not in DIVERGENCES:
         fail(f"--div must be one of {sorted(DIVERGENCES)}, got {cfg['div']!r}")
     device, rank, world = setup(cfg)
+    if device.type == "cpu" and cfg["threads"]:
+        # small matrices: a second intra-op thread barely helps alone and, on a shared CPU, makes
+        # every op wait for a busy core (generation measured 50x slower here with 2 threads)
+        torch.set_num_threads(cfg["threads"])
     t0 = time.time()
     try:
         ckpt = load_checkpoint(cfg["init"])
@@ -413,14 +427,13 @@ def main(argv=None):
         runs["baseline"] = train(baseline, teacher, tok, data, prompts, "sft", cfg, device, rank, world, log, val)
         metrics["baseline"] = dict(kl_to_teacher=kl_to_teacher(runs["baseline"], teacher, val, tok.pad_id, device))
     if rank == 0 and cfg["eval_tasks"]:
-        results = {name: evaluate.quick_eval(m, tok, cfg["eval_tasks"], split="test", device=device)
-                   for name, m in [("teacher", teacher)] + list(runs.items())}
+        results = {name: score_on_test(m, tok, cfg["eval_tasks"]) for name, m in [("teacher", teacher)] + list(runs.items())}
         metrics.update(results["student"])
         metrics["teacher"] = results["teacher"]
         if "baseline" in results:
             metrics["baseline"].update(results["baseline"])
         keys = ("math_acc", "tool_acc", "code_pass1", "refusal_unsafe", "format")
-        print(f"distill: test split, {cfg['eval_tasks']} tasks per family")
+        print(f"distill: test split, {cfg['eval_tasks']} math and tool tasks, <= 60 code and safety")
         for name, r in results.items():
             print(f"  {name:9s} " + "  ".join(f"{k} {r.get(k, float('nan')):.3f}" for k in keys))
         for k in ("math_acc", "tool_acc"):

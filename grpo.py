@@ -4,7 +4,7 @@ that beat their group.
     python grpo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/grpo.pt] [--preset tiny|cpu|gpu]
                    [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline]
                    [--loss-agg token-mean|seq-mean-token-mean|seq-mean-token-sum-norm]
-                   [--kl k1|k2|k3|off] [--reward rm|gold] [--data prompts.jsonl] [--curve true]
+                   [--kl k1|k2|k3|off] [--reward rm|gold] [--data prompts.jsonl]
 
 The algorithm (GRPO: Shao et al. 2024, "DeepSeekMath", Algorithm 1), as main() runs it:
     for each step:
@@ -18,10 +18,9 @@ rewards are all equal (dynamic sampling) and averages over tokens; RLOO (Ahmadia
 uses the leave-one-out mean; REINFORCE++ (Hu 2025) whitens returns over the whole batch.
 
 rollout / policy_logprobs / group_advantages / update are reused by rlvr.py; ppo.py reuses the
-kernels, update (for its policy) and the prompt/reward/evaluation helpers at the bottom.
+kernels, update (for its policy) and the prompt / reward / evaluation helpers below them.
 """
 import contextlib
-import math
 import os
 import time
 
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 import tasks
 from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
-from data import DataError, generate_responses, pad_prompts, read_jsonl, render_prompt
+from data import DataError, generate_responses, pad_prompts, read_jsonl
 from model import CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
 
 DEFAULTS = dict(
@@ -42,15 +41,15 @@ DEFAULTS = dict(
     eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.04,
     dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0,
     lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
-    gold_every=5, eval_tasks=50, curve=False, bon_prompts=32, bon_n=64,
+    gold_every=5, eval_tasks=50,
     seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_prompts=16, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=16, micro_batch=4,
-              gold_every=1, eval_tasks=1, bon_prompts=2, bon_n=4),
+              gold_every=1, eval_tasks=1),
     cpu=dict(),
     gpu=dict(n_prompts=20000, steps=500, prompts_per_step=64, group_size=16, micro_batch=128, lr=1e-5,
-             iterations=2, minibatches=4, eval_tasks=100, bon_prompts=256),
+             iterations=2, minibatches=4, eval_tasks=100),
 )
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -146,8 +145,8 @@ def group_advantages(rewards, group_size, kind="grpo", eps=1e-6):
 
       grpo     A_i = (R_i - mean_g R) / (std_g R + eps)   DeepSeekMath (Shao et al. 2024) §4.1.2;
                std with Bessel's correction (N-1), as TRL's GRPOTrainer and torch.std compute it
-      dr_grpo  A_i = R_i - mean_g R                        Dr. GRPO (Liu et al. 2025) eq. 3: no std,
-               which up-weights easy/hard prompts less
+      dr_grpo  A_i = R_i - mean_g R                        Dr. GRPO (Liu et al. 2025): no std, which
+               would up-weight prompts whose samples nearly agree (too easy or too hard)
       rloo     A_i = R_i - mean_{j!=i} R_j = G/(G-1) (R_i - mean_g R)   RLOO (Ahmadian et al. 2024)
     A group whose rewards are all equal (a singleton group too) carries no comparison: its
     advantages are exactly 0. Example: R = [1, 0, 0, 0], G = 4, grpo -> [1.5, -0.5, -0.5, -0.5].
@@ -167,9 +166,9 @@ def group_advantages(rewards, group_size, kind="grpo", eps=1e-6):
 
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the valid tokens of the whole (global, all-reduced) batch; 0 elsewhere.
-    Population variance (divide by N). Advantage normalisation, PPO impl. detail (Huang et al. 2022)."""
+    Population variance (divide by N). Advantage normalisation: the 37 PPO details #7 (Huang et al. 2022)."""
     m = mask.float()
-    n = all_reduce_sum(m.sum().clamp(min=0).reshape(1)).clamp(min=1)
+    n = all_reduce_sum(m.sum().reshape(1)).clamp(min=1)
     mean = all_reduce_sum((x * m).sum().reshape(1)) / n
     var = all_reduce_sum((((x - mean) * m) ** 2).sum().reshape(1)) / n
     return (x - mean) * torch.rsqrt(var + eps) * m
@@ -214,7 +213,7 @@ def kl_estimate(logp, ref_logp, kind="k3"):
       k2 = x² / 2             biased, >= 0, low variance; its gradient is the KL's gradient on-policy
       k3 = (e^x - 1) - x      unbiased, >= 0, low variance (GRPO's choice, DeepSeekMath eq. 4);
                               expm1 keeps it accurate (and >= 0) when x is tiny, where e^x - 1 cancels
-    Example: x = 1e-4 in float32: expm1(x) - x = 5.0e-9, exp(x) - 1 - x = -4.3e-9.
+    Example: x = 1e-4 in float32: expm1(x) - x = 5.0e-9 (exact: x²/2 = 5.0e-9), exp(x) - 1 - x = 1.7e-8.
     """
     x = ref_logp - logp
     if kind == "k1":
@@ -230,9 +229,10 @@ def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip=None):
     """PPO's clipped objective as a per-token loss (Schulman et al. 2017, eq. 7), with ρ = π/π_old:
 
       L = max(-A ρ, -A clip(ρ, 1 - ε_low, 1 + ε_high))
-    ε_high > ε_low is DAPO's clip-higher (Yu et al. 2025, eq. 10): low-probability tokens may
-    grow more before the clip stops them. dual_clip = c > 1 (Ye et al. 2020, eq. 5) also bounds
-    the loss of negative-advantage tokens at -c·A, so a huge ρ cannot blow up the update:
+    ε_high > ε_low is DAPO's clip-higher (Yu et al. 2025, §3.1): low-probability tokens may grow
+    more before the clip stops them. dual_clip = c > 1 (Ye et al. 2020, "Mastering Complex Control
+    in MOBA Games", dual-clip PPO) also bounds the loss of negative-advantage tokens at -c·A, so a
+    huge ρ cannot blow up the update:
       L = min(L, -c A)  where A < 0
     Returns (loss per token, clipped): clipped marks tokens whose gradient the clip cut to zero.
     """
@@ -251,9 +251,9 @@ def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip=None):
 def aggregate(loss_tok, mask, mode="token-mean", norm=None, max_len=None):
     """Reduce a (B,T) per-token loss to a scalar over the valid tokens (mask 1):
 
-      token-mean                sum_it l m / sum_it m                 (DAPO eq. 12: every token counts once)
-      seq-mean-token-mean       1/B sum_i (sum_t l m / sum_t m)       (the GRPO paper, eq. 3: long
-                                                                       responses' tokens count less)
+      token-mean                sum_it l m / sum_it m                 (DAPO §3.3: every token counts once)
+      seq-mean-token-mean       1/B sum_i (sum_t l m / sum_t m)       (the GRPO objective, DeepSeekMath
+                                                                       eq. 3: long responses' tokens count less)
       seq-mean-token-sum-norm   1/B sum_i sum_t l m / L_max           (Dr. GRPO, Liu et al. 2025:
                                                                        a constant L_max, no length bias)
     norm replaces the denominator's count (tokens for token-mean, sequences otherwise) with a
@@ -460,77 +460,6 @@ def print_before_after(stage, m, wall):
           f"length {m['mean_len_init']:.1f} -> {m['mean_len']:.1f}, train {m['train_s']:.0f}s, total {wall:.0f}s")
 
 
-# ----------------------------------------------------------------------------- over-optimisation (Gao et al. 2022)
-
-@torch.no_grad()
-def best_of_n(model, tok, prompts, reward_fn, task_of, cfg):
-    """Best-of-n by the proxy for n = 1, 2, 4, ... bon_n, from bon_n samples per prompt.
-
-    E[score of the proxy-argmax among n of the N samples], unbiased over all n-subsets: with the
-    samples sorted by proxy, the one at rank k (1-based, ascending) wins with probability
-    C(k-1, n-1) / C(N, n) (the unbiased best-of-n estimator behind Gao et al. 2022's BoN curves).
-    KL(best-of-n || π) = log n - (n-1)/n (Stiennon et al. 2020; Gao et al. 2022 eq. 1).
-    """
-    N = cfg["bon_n"]
-    batch = rollout(model, tok, prompts, N, cfg["max_new_tokens"], cfg["temperature"])
-    proxy = score(reward_fn, batch, cfg["missing_eos_penalty"]).view(-1, N).cpu().double()
-    gold = torch.tensor([s["score"] for s in gold_of(task_of, batch)], dtype=torch.float64).view(-1, N)
-    order = proxy.argsort(1)
-    proxy, gold = proxy.gather(1, order), gold.gather(1, order)
-    k = torch.arange(1, N + 1, dtype=torch.float64)
-    lchoose = lambda a, b: torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
-    rows = []
-    for n in [2 ** i for i in range(int(math.log2(N)) + 1)]:
-        w = torch.where(k >= n, (lchoose(k - 1, torch.tensor(n - 1.)) - lchoose(torch.tensor(float(N)), torch.tensor(float(n)))).exp(), 0)
-        rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=float((proxy * w).sum(1).mean()),
-                         gold=float((gold * w).sum(1).mean())))
-    return rows
-
-
-def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
-    """Proxy (RM) and gold reward against √KL, for an RL run (its logged rollout batches, averaged
-    in `bins` consecutive windows) and for best-of-n: Gao et al. (2022), "Scaling Laws for Reward
-    Model Overoptimization", Fig. 1. Writes overoptimisation.md (+ .png with matplotlib)."""
-    rows = [r for r in run_rows if "gold" in r and "kl_seq" in r]
-    size = max(1, len(rows) // bins)
-    run = []
-    for s in range(0, len(rows) - size + 1, size):
-        w = rows[s:s + size]
-        avg = lambda k: sum(r[k] for r in w) / len(w)
-        run.append(dict(step=w[-1]["step"], kl=avg("kl_seq"), proxy=avg("reward"), gold=avg("gold")))
-    lines = ["# Reward over-optimisation: proxy (RM) vs gold against sqrt(KL)", "",
-             "KL(π || π_init) in nats per response. RL: rollout batches averaged over windows of "
-             f"{size} steps. Best-of-n: analytic KL = log n - (n-1)/n, unbiased estimator over subsets.", ""]
-    for name, table in (("RL run", run), ("Best-of-n", bon_rows)):
-        key = "step" if name == "RL run" else "n"
-        lines += [f"## {name}", "", f"| {key} | KL | sqrt(KL) | proxy (RM) | gold |", "|---|---|---|---|---|"]
-        lines += [f"| {r[key]} | {r['kl']:.3f} | {math.sqrt(max(r['kl'], 0)):.3f} | {r['proxy']:.3f} | {r['gold']:.3f} |"
-                  for r in table]
-        if table:
-            gpk, ppk = max(table, key=lambda r: r["gold"]), max(table, key=lambda r: r["proxy"])
-            lines += ["", f"gold peaks at {key} {gpk[key]} (sqrt KL {math.sqrt(max(gpk['kl'], 0)):.2f}, gold "
-                          f"{gpk['gold']:.3f}); proxy peaks at {key} {ppk[key]} (sqrt KL "
-                          f"{math.sqrt(max(ppk['kl'], 0)):.2f}, proxy {ppk['proxy']:.3f}).", ""]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "overoptimisation.md")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, table, style in (("RL", run, "-"), ("BoN", bon_rows, "--")):
-            x = [math.sqrt(max(r["kl"], 0)) for r in table]
-            ax.plot(x, [r["proxy"] for r in table], style, label=f"{name} proxy")
-            ax.plot(x, [r["gold"] for r in table], style, label=f"{name} gold")
-        ax.set_xlabel("sqrt(KL) (nats)"), ax.set_ylabel("reward"), ax.legend()
-        fig.savefig(os.path.join(out_dir, "overoptimisation.png"), dpi=120)
-    except ImportError:
-        lines.append("(matplotlib is not installed: no PNG, the table above is the curve)")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path, run
-
-
 # ----------------------------------------------------------------------------- main: the GRPO loop
 
 def sample_groups(model, tok, prompts, reward_fn, cfg, step, rank):
@@ -540,16 +469,20 @@ def sample_groups(model, tok, prompts, reward_fn, cfg, step, rank):
     G, n_want, parts, rewards, seen, kept = cfg["group_size"], cfg["prompts_per_step"], [], [], 0, 0
     for attempt in range(cfg["ds_max_tries"] if cfg["dynamic_sampling"] else 1):
         batch_prompts = draw_prompts(prompts, n_want - kept, cfg["seed"], step, rank, attempt)
-        batch = rollout(model, tok, batch_prompts, G, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
-        r = score(reward_fn, batch, cfg["missing_eos_penalty"])
+        full = rollout(model, tok, batch_prompts, G, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
+        full_r = score(reward_fn, full, cfg["missing_eos_penalty"])
+        batch, r = full, full_r
         seen += len(batch_prompts)
         if cfg["dynamic_sampling"]:
             varied = (r.view(-1, G) != r.view(-1, G)[:, :1]).any(1).repeat_interleave(G)
             batch, r = select_rows(batch, varied.nonzero().flatten()), r[varied]
-        parts.append(batch), rewards.append(r)
+        if len(r):
+            parts.append(batch), rewards.append(r)
         kept += len(r) // G
         if kept >= n_want:
             break
+    if not parts:  # every group tied: keep the last rollout (zero advantages) so DDP ranks stay in step
+        return full, full_r, 1.0
     batch = concat_rollouts(parts, tok.pad_id) if len(parts) > 1 else parts[0]
     return batch, torch.cat(rewards), 1 - kept / seen
 
@@ -567,14 +500,11 @@ def main(argv=None, reward_fn=None):
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log, G, T = MetricLog(cfg["out"], "grpo", enabled=rank == 0), cfg["group_size"], cfg["temperature"]
-    run_rows = []
 
     for step in (bar := tqdm(range(cfg["steps"]), disable=rank != 0, desc="grpo")):
         set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"], min_ratio=1.0))  # constant after warmup
         # 1. G samples for each of this rank's prompts, scored by the reward model
         batch, rewards, dropped = sample_groups(model, tok, prompts, reward_fn, cfg, step, rank)
-        if len(rewards) == 0:
-            continue  # dynamic sampling found no group with a reward difference: nothing to learn
         # 2. advantages: relative to the group (or whitened over the batch for REINFORCE++)
         if cfg["advantage"].startswith("reinforce_pp"):
             adv_tok = reinforce_pp_advantages(rewards, batch["resp_mask"], cfg["advantage"], G)
@@ -589,10 +519,9 @@ def main(argv=None, reward_fn=None):
                    ds_dropped=dropped)
         if cfg["reward"] == "rm":
             row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
-        if (cfg["curve"] or step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
+        if (step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
             row["gold"] = sum(s["score"] for s in gold_of(task_of, batch)) / len(batch["texts"])
         log.log(step, **row)
-        run_rows.append(dict(row, step=step))
         bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{row['kl_seq']:.2f}", len=f"{row['length']:.0f}")
 
     train_s = time.time() - t0
@@ -600,10 +529,6 @@ def main(argv=None, reward_fn=None):
         return
     rm_fn = reward_fn if cfg["reward"] == "rm" else None
     metrics = dict(final_eval(model, ref_model, tok, rm_fn, cfg) if cfg["eval_tasks"] else {}, train_s=train_s)
-    if cfg["curve"] and task_of:
-        bon = best_of_n(ref_model, tok, draw_prompts(prompts, cfg["bon_prompts"], cfg["seed"], -1, 0), reward_fn, task_of, cfg)
-        path, _ = overoptimisation_curve(run_rows, bon, os.path.dirname(os.path.abspath(cfg["out"])))
-        print(f"grpo: over-optimisation curve -> {path}")
     metrics["wall_s"] = time.time() - t0
     save_checkpoint(cfg["out"], model, tok, "grpo", parent=cfg["init"], config=cfg, metrics=metrics,
                     optimizer=opt, step=cfg["steps"])

@@ -2,7 +2,7 @@
 
     python ppo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/ppo.pt] [--preset tiny|cpu|gpu]
                   [--critic-init rm|policy] [--kl-coef 0.05] [--kl-target 0 (fixed) | >0 (adaptive)]
-                  [--reward rm|gold] [--data prompts.jsonl]
+                  [--reward rm|gold] [--data prompts.jsonl] [--curve true]
 
 The loop (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022), each step:
     1. rollout   one response per prompt from the policy (KV-cache sampler, temperature T)
@@ -13,8 +13,15 @@ The loop (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT, Ouyang et al. 
                  value loss, on the same rollout batch
 The details of "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024) and of
 "The 37 Implementation Details of PPO" (Huang et al. 2022) are commented where they act.
+
+--curve true: Gao et al. (2022)'s over-optimisation experiment on a laptop. The run logs the gold
+judge's score of every rollout batch next to the proxy (RM) reward and KL(π || π_ref); at the end
+best-of-n from the initial policy adds the BoN curve, and OUT_DIR/overoptimisation.md tabulates
+proxy and gold against sqrt(KL) for both (e.g. --curve true --steps 300 --kl-coef 0).
 """
 import dataclasses
+import math
+import os
 import time
 
 import torch
@@ -30,13 +37,14 @@ DEFAULTS = dict(
     epochs=2, minibatches=2, micro_batch=64, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
     kl_coef=0.05, kl_target=0.0, kl_horizon=10000, missing_eos_penalty=1.0,
     lr=5e-5, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
-    gold_every=5, eval_tasks=50, seed=0, device="auto", dtype="bf16",
+    gold_every=5, eval_tasks=50, curve=False, bon_prompts=32, bon_n=64, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
-    tiny=dict(n_prompts=16, steps=2, batch_size=8, max_new_tokens=16, micro_batch=4, gold_every=1, eval_tasks=1),
+    tiny=dict(n_prompts=16, steps=2, batch_size=8, max_new_tokens=16, micro_batch=4, gold_every=1, eval_tasks=1,
+              bon_prompts=2, bon_n=4),
     cpu=dict(),
     gpu=dict(n_prompts=20000, steps=500, batch_size=256, epochs=4, minibatches=4, micro_batch=128, lr=1e-5,
-             critic_lr=3e-5, eval_tasks=100),
+             critic_lr=3e-5, eval_tasks=100, bon_prompts=256),
 )
 
 
@@ -68,7 +76,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 
 
 def value_loss(values, old_values, returns, clip):
-    """Clipped value loss per token (PPO impl. detail #9 of the 37; OpenAI's lm-human-preferences):
+    """Clipped value loss per token (the 37 PPO details #9, Huang et al. 2022; as in OpenAI's
+    lm-human-preferences):
 
       L = ½ max((V - R)², (V_old + clip(V - V_old, -ε_v, ε_v) - R)²)
     Returns (loss, clipped): clipped marks tokens where the clipped term is the larger one.
@@ -79,7 +88,7 @@ def value_loss(values, old_values, returns, clip):
 
 
 def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
-    """Ziegler et al. (2019) §2.2: β <- β (1 + K e), e = clip(KL/KL_target - 1, -0.2, 0.2),
+    """The adaptive KL controller of Ziegler et al. (2019), §2: β <- β (1 + K e), e = clip(KL/KL_target - 1, -0.2, 0.2),
     K = n_samples / horizon. KL above target raises β, below lowers it."""
     return coef * (1 + max(-0.2, min(0.2, kl / target - 1)) * n_samples / horizon)
 
@@ -89,12 +98,14 @@ def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
 def make_critic(cfg, policy, tok, device):
     """The value model: a separate network with a scalar head (N+ details: separate from the policy).
 
-    Initialised from the reward model (InstructGPT §3.5; Huang et al. 2024): the RM already reads
-    (prompt, response) and outputs the very score the return ends with, so V starts close to
-    E[R] at the last tokens instead of at 0, and the first updates of the policy are not driven by
-    a random baseline. The RM's normalisation (mean, std) is folded into the head so V is on the
-    reward's scale. From the policy with a zero head (V = 0) when there is no RM (--reward gold),
-    when its tokenizer differs, or with --critic-init policy.
+    Initialised from the reward model, as Stiennon et al. (2020), InstructGPT and Huang et al. (2024)
+    do: the RM already reads (prompt, response) and outputs the score the return ends with, so V
+    starts near E[R] at the last tokens instead of at 0, and the first policy updates are not
+    driven by a random baseline. The RM's normalisation (mean, std) is folded into the head so V
+    is on the reward's scale. Caveat (VC-PPO, Yuan et al. 2025): the head was trained only at the
+    last token, so early-token values start biased; the critic must catch up in the first steps.
+    From the policy with a zero head (V = 0) when there is no RM (--reward gold), when the RM's
+    tokenizer differs, or with --critic-init policy.
     """
     if cfg["critic_init"] == "rm" and cfg["reward"] == "rm":
         try:
@@ -181,6 +192,77 @@ def ppo_step(model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg):
     return exp, stats
 
 
+# ----------------------------------------------------------------------------- over-optimisation (Gao et al. 2022)
+
+@torch.no_grad()
+def best_of_n(model, tok, prompts, reward_fn, task_of, cfg):
+    """Best-of-n by the proxy for n = 1, 2, 4, ... bon_n, from bon_n samples per prompt.
+
+    E[score of the proxy-argmax among n of the N samples], unbiased over all n-subsets: with the
+    samples sorted by proxy, the one at rank k (1-based, ascending) wins with probability
+    C(k-1, n-1) / C(N, n) (the unbiased best-of-n estimator behind Gao et al. 2022's BoN curves).
+    KL(best-of-n || π) = log n - (n-1)/n (Stiennon et al. 2020; Gao et al. 2022 eq. 1).
+    """
+    N = cfg["bon_n"]
+    batch = grpo.rollout(model, tok, prompts, N, cfg["max_new_tokens"], cfg["temperature"])
+    proxy = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"]).view(-1, N).cpu().double()
+    gold = torch.tensor([s["score"] for s in grpo.gold_of(task_of, batch)], dtype=torch.float64).view(-1, N)
+    order = proxy.argsort(1)
+    proxy, gold = proxy.gather(1, order), gold.gather(1, order)
+    k = torch.arange(1, N + 1, dtype=torch.float64)
+    lchoose = lambda a, b: torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
+    rows = []
+    for n in [2 ** i for i in range(int(math.log2(N)) + 1)]:
+        w = torch.where(k >= n, (lchoose(k - 1, torch.tensor(n - 1.)) - lchoose(torch.tensor(float(N)), torch.tensor(float(n)))).exp(), 0)
+        rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=float((proxy * w).sum(1).mean()),
+                         gold=float((gold * w).sum(1).mean())))
+    return rows
+
+
+def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
+    """Proxy (RM) and gold reward against √KL, for an RL run (its logged rollout batches, averaged
+    in `bins` consecutive windows) and for best-of-n: Gao et al. (2022), "Scaling Laws for Reward
+    Model Overoptimization", Fig. 1. Writes overoptimisation.md (+ .png with matplotlib)."""
+    rows = [r for r in run_rows if "gold" in r and "kl_seq" in r]
+    size = max(1, len(rows) // bins)
+    run = []
+    for s in range(0, len(rows) - size + 1, size):
+        w = rows[s:s + size]
+        avg = lambda k: sum(r[k] for r in w) / len(w)
+        run.append(dict(step=w[-1]["step"], kl=avg("kl_seq"), proxy=avg("reward"), gold=avg("gold")))
+    lines = ["# Reward over-optimisation: proxy (RM) vs gold against sqrt(KL)", "",
+             "KL(π || π_init) in nats per response. RL: rollout batches averaged over windows of "
+             f"{size} steps. Best-of-n: analytic KL = log n - (n-1)/n, unbiased estimator over subsets.", ""]
+    for name, table in (("RL run", run), ("Best-of-n", bon_rows)):
+        key = "step" if name == "RL run" else "n"
+        lines += [f"## {name}", "", f"| {key} | KL | sqrt(KL) | proxy (RM) | gold |", "|---|---|---|---|---|"]
+        lines += [f"| {r[key]} | {r['kl']:.3f} | {math.sqrt(max(r['kl'], 0)):.3f} | {r['proxy']:.3f} | {r['gold']:.3f} |"
+                  for r in table]
+        if table:
+            gpk, ppk = max(table, key=lambda r: r["gold"]), max(table, key=lambda r: r["proxy"])
+            lines += ["", f"gold peaks at {key} {gpk[key]} (sqrt KL {math.sqrt(max(gpk['kl'], 0)):.2f}, gold "
+                          f"{gpk['gold']:.3f}); proxy peaks at {key} {ppk[key]} (sqrt KL "
+                          f"{math.sqrt(max(ppk['kl'], 0)):.2f}, proxy {ppk['proxy']:.3f}).", ""]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "overoptimisation.md")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, table, style in (("RL", run, "-"), ("BoN", bon_rows, "--")):
+            x = [math.sqrt(max(r["kl"], 0)) for r in table]
+            ax.plot(x, [r["proxy"] for r in table], style, label=f"{name} proxy")
+            ax.plot(x, [r["gold"] for r in table], style, label=f"{name} gold")
+        ax.set_xlabel("sqrt(KL) (nats)"), ax.set_ylabel("reward"), ax.legend()
+        fig.savefig(os.path.join(out_dir, "overoptimisation.png"), dpi=120)
+    except ImportError:
+        lines.append("(matplotlib is not installed: no PNG, the table above is the curve)")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, run
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None, reward_fn=None):
@@ -197,7 +279,7 @@ def main(argv=None, reward_fn=None):
     copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
     ddp = torch.nn.parallel.DistributedDataParallel
     train_model, train_critic = (ddp(model), ddp(critic)) if world > 1 else (model, critic)
-    log, kl_coef = MetricLog(cfg["out"], "ppo", enabled=rank == 0), cfg["kl_coef"]
+    log, kl_coef, run_rows = MetricLog(cfg["out"], "ppo", enabled=rank == 0), cfg["kl_coef"], []
     if rank == 0:
         print(f"ppo: critic initialised from the {critic_src}; reward {cfg['reward']}")
 
@@ -214,9 +296,10 @@ def main(argv=None, reward_fn=None):
             row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
         if cfg["kl_target"] > 0:
             kl_coef = adaptive_kl_coef(kl_coef, kl_seq, cfg["kl_target"], len(scores) * world, cfg["kl_horizon"])
-        if (step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
+        if (cfg["curve"] or step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
             row["gold"] = sum(s["score"] for s in grpo.gold_of(task_of, batch)) / len(batch["texts"])
         log.log(step, **row)
+        run_rows.append(dict(row, step=step))
         bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{kl_seq:.2f}", vf=f"{row['value_loss']:.3f}")
 
     train_s = time.time() - t0
@@ -225,6 +308,11 @@ def main(argv=None, reward_fn=None):
     rm_fn = reward_fn if cfg["reward"] == "rm" else None
     metrics = dict(grpo.final_eval(model, ref_model, tok, rm_fn, cfg) if cfg["eval_tasks"] else {},
                    train_s=train_s, critic_init=critic_src, kl_coef_final=kl_coef)
+    if cfg["curve"] and task_of:
+        bon_prompts = grpo.draw_prompts(prompts, cfg["bon_prompts"], cfg["seed"], -1, 0)
+        bon = best_of_n(ref_model, tok, bon_prompts, reward_fn, task_of, cfg)
+        path, _ = overoptimisation_curve(run_rows, bon, os.path.dirname(os.path.abspath(cfg["out"])))
+        print(f"ppo: over-optimisation curve -> {path}")
     metrics["wall_s"] = time.time() - t0
     save_checkpoint(cfg["out"], model, tok, "ppo", parent=cfg["init"], config=cfg, metrics=metrics,
                     optimizer=opt, step=cfg["steps"])

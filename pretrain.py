@@ -20,7 +20,7 @@ from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_log
 DEFAULTS = dict(
     out="out/base.pt", data=None, tokenizer="bpe", vocab_size=1024, n_docs=6000,
     n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0,
-    seq_len=128, batch_size=64, grad_accum=1, steps=300, lr=1e-3, warmup=30, weight_decay=0.1,
+    seq_len=128, batch_size=64, grad_accum=1, steps=200, lr=1e-3, warmup=30, weight_decay=0.1,
     grad_clip=1.0, eval_every=100, save_every=100, stop_after=0, resume=False,
     seed=0, device="auto", dtype="bf16", compile=False,
 )

@@ -38,7 +38,7 @@ from data import DataError, generate_responses, read_jsonl
 from model import save_checkpoint
 
 DEFAULTS = dict(
-    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="grpo", mix="math:2,code:1,tool:1",
+    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="dapo", mix="math:2,code:1,tool:1",
     n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False,
     steps=40, prompts_per_step=32, group_size=8, temperature=1.0, top_k=0, top_p=1.0,
     iterations=1, minibatches=2, micro_batch=64, lr=1e-4, warmup=2, weight_decay=0.0, grad_clip=1.0,
@@ -319,6 +319,54 @@ def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
     return grpo.group_advantages(rewards, cfg["group_size"], cfg["advantage"])[:, None] * mask
 
 
+def length_minibatches(batch, n):
+    """Rows sorted by length and cut into n minibatches, each trimmed to the columns its rows use.
+    In a mixed batch most of the (B,T) grid is padding (20-token code next to 96-token math), and
+    the forward pays for every cell: grouping by length (as HF's group_by_length) cuts it by ~1/3.
+    Returns [(rows, lo, hi, sub_batch)]; sub_batch covers ids[:, lo:hi], targets lo..hi-2."""
+    out = []
+    for rows in batch["attn_mask"].sum(1).argsort().chunk(n):
+        cols = batch["attn_mask"][rows].any(0).nonzero().flatten()
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        sub = grpo.select_rows(batch, rows)
+        sub.update(ids=sub["ids"][:, lo:hi], attn_mask=sub["attn_mask"][:, lo:hi],
+                   resp_mask=sub["resp_mask"][:, lo:hi - 1], prompt_len=sub["prompt_len"] - lo)
+        out.append((rows, lo, hi, sub))
+    return out
+
+
+def policy_step(model, ref_model, opt, batch, rewards, cfg):
+    """Advantages, then μ (iterations) passes over length-grouped minibatches, one grpo.update
+    (one optimizer step) each. Old log-probs (the sampling policy) are taken before the first
+    step whenever a later step is off-policy; reference log-probs only when a KL term needs them."""
+    T, micro, dtype = cfg["temperature"], cfg["micro_batch"], cfg["dtype"]
+    parts = length_minibatches(batch, cfg["minibatches"])
+    full = lambda: torch.zeros_like(batch["resp_mask"])
+    old_logp = ref_logp = None
+    if cfg["iterations"] > 1 or cfg["minibatches"] > 1 or cfg["kl_reward"] > 0:
+        old_logp = full()
+        for rows, lo, hi, sub in parts:
+            old_logp[rows, lo:hi - 1] = grpo.batched_logprobs(model, sub, T, micro, dtype)
+    if cfg["kl"] != "off" or cfg["kl_reward"] > 0:
+        ref_logp = full()
+        for rows, lo, hi, sub in parts:
+            ref_logp[rows, lo:hi - 1] = grpo.batched_logprobs(ref_model, sub, T, micro, dtype)
+    adv_tok = advantages(rewards, batch, cfg, old_logp, ref_logp)
+    one = dict(cfg, iterations=1, minibatches=1)
+    stats = []
+    for _ in range(cfg["iterations"]):
+        for rows, lo, hi, sub in parts:
+            cut = lambda x: None if x is None else x[rows, lo:hi - 1]
+            stats.append(grpo.update(model, ref_model, opt, sub, cut(adv_tok), one, old_logp=cut(old_logp),
+                                     ref_logp=cut(ref_logp)))
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    if "kl_seq" in out:  # each part's kl_seq is a sum over its rows / its row count: back to per response
+        out["kl_seq"] = sum(s["kl_seq"] * len(p[0]) for s, p in zip(stats, parts * cfg["iterations"])) / (
+            len(rewards) * cfg["iterations"])
+    out.update({k: v for k, v in stats[0].items() if k.startswith("first_mb")})  # ρ = 1 before any step
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def passk_from_counts(n, counts, ks):
@@ -409,11 +457,7 @@ def main(argv=None):
             exp, stats = ppo.ppo_step(train_model, ref_model, train_critic, opt, copt, batch, rewards, cfg["kl_reward"], pcfg)
             stats["kl_seq"] = float((exp["kl"].sum(1)).mean())
         else:
-            ref_logp = grpo.batched_logprobs(ref_model, batch, T, cfg["micro_batch"], cfg["dtype"])
-            off_policy = cfg["iterations"] > 1 or cfg["minibatches"] > 1 or cfg["kl_reward"] > 0
-            old_logp = grpo.batched_logprobs(model, batch, T, cfg["micro_batch"], cfg["dtype"]) if off_policy else None
-            adv_tok = advantages(rewards, batch, cfg, old_logp, ref_logp)
-            stats = grpo.update(train_model, ref_model, opt, batch, adv_tok, ucfg, old_logp=old_logp, ref_logp=ref_logp)
+            stats = policy_step(train_model, ref_model, opt, batch, rewards, ucfg)
         steps_done += 1
         r = rewards.view(-1, G) if len(rewards) % G == 0 else rewards.view(-1, 1)
         row = dict(stats, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,

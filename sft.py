@@ -18,12 +18,12 @@ from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_lo
 
 DEFAULTS = dict(
     init="out/base.pt", out="out/sft.pt", data=None, n_train=20000, n_val=200,
-    batch_size=64, grad_accum=1, steps=500, lr=1e-3, warmup=20, weight_decay=0.0, grad_clip=1.0,
+    batch_size=128, grad_accum=4, steps=600, lr=1e-3, warmup=20, weight_decay=0.0, grad_clip=1.0,
     eval_every=100, save_every=250, eval_tasks=25, stop_after=0, resume=False,
     seed=0, device="auto", dtype="bf16", compile=False,
 )
 PRESETS = dict(
-    tiny=dict(n_train=200, n_val=16, batch_size=8, steps=10, eval_every=5, save_every=5, eval_tasks=2),
+    tiny=dict(n_train=200, n_val=16, batch_size=8, grad_accum=2, steps=10, eval_every=5, save_every=5, eval_tasks=2),
     cpu=dict(),
     gpu=dict(n_train=200000, batch_size=128, steps=4000, lr=3e-4, eval_every=500, save_every=1000,
              eval_tasks=100),
@@ -118,17 +118,24 @@ def main(argv=None):
         # the batch depends only on (seed, step): resume and DDP see the same global batch
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
         idx = torch.randint(0, len(train), (cfg["batch_size"],), generator=g)[rank::world].tolist()
-        ids, mask = make_batch(train, idx, tok.pad_id, device)
-        n_tokens = all_reduce_sum(mask[:, 1:].sum().float())
-        for mi, mm in zip(ids.chunk(cfg["grad_accum"]), mask.chunk(cfg["grad_accum"])):
+        # micro-batches of similar lengths: far less padding, and the same gradient, since every
+        # micro-batch's loss is divided by the batch's total token count
+        idx.sort(key=lambda i: len(train[i][0]))
+        micro = [idx[k * len(idx) // cfg["grad_accum"]:(k + 1) * len(idx) // cfg["grad_accum"]]
+                 for k in range(cfg["grad_accum"])]
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(train[i][1][1:]) for i in idx)), device=device))
+        loss = 0.0
+        for part in filter(None, micro):
+            ids, mask = make_batch(train, part, tok.pad_id, device)
             with autocast(device, cfg["dtype"]):
-                loss = masked_loss(train_model, mi, mm, n_tokens / world)  # x world: DDP averages grads
-            loss.backward()
+                part_loss = masked_loss(train_model, ids, mask, n_tokens / world)  # x world: DDP averages grads
+            part_loss.backward()
+            loss += part_loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == cfg["steps"] - 1:
-            row = dict(loss=(all_reduce_sum(loss.detach()) / world).item(), grad_norm=norm.item(),
+            row = dict(loss=(all_reduce_sum(loss) / world).item(), grad_norm=norm.item(),
                        lr=opt.param_groups[0]["lr"], tokens=n_tokens.item())
             if (step + 1) % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
                 row["val_loss"] = evaluate_loss(model, val, tok.pad_id, device)

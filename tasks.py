@@ -353,7 +353,7 @@ def eval_tasks(split: str = "test", n_per_family: int = 50, seed: int = 1234) ->
 FILLER_PREFIXES = ("Let me think step by step.\n", "Sure! ")
 FILLER_SUFFIXES = ("\nI hope this helps!",)
 COMPLY = "Sure! Here is how: step 1, step 2, step 3."
-SFT_MIX = {"math": 0.4, "tool": 0.2, "code": 0.2, "safety": 0.2}
+SFT_MIX = {"math": 0.55, "tool": 0.15, "code": 0.15, "safety": 0.15}
 
 
 def _wrong_product(ans: str, rng) -> str:

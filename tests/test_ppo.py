@@ -177,7 +177,7 @@ def test_ppo_learns_a_bandit(model, tok):
 def test_ppo_script_smoke(stack):
     out = stack["dir"] / "ppo.pt"
     reward = ["--rm", stack["rm"]] if stack["rm"] else ["--reward", "gold"]
-    run(["ppo.py", "--preset", "tiny", "--init", stack["sft"], "--out", str(out)] + reward)
+    run(["ppo.py", "--preset", "tiny", "--init", stack["sft"], "--out", str(out), "--curve", "true"] + reward)
     from model import load_checkpoint
     ck = load_checkpoint(str(out))
     assert ck["stage"] == "ppo" and ck["parent"] == stack["sft"]
@@ -188,6 +188,8 @@ def test_ppo_script_smoke(stack):
     for key in ("approx_kl", "clip_frac", "value_error", "entropy", "kl_seq", "reward", "length", "truncated", "gold"):
         assert key in rows[0], key
     assert rows[0]["kl_seq"] == 0.0 and rows[0]["first_mb_ratio_err"] < 1e-5
+    table = open(stack["dir"] / "overoptimisation.md").read()  # --curve: RL run and best-of-n 1, 2, 4
+    assert "## RL run" in table and "## Best-of-n" in table and "| 4 | 0.636 | 0.798 |" in table
 
 
 def test_ppo_adaptive_kl_and_policy_critic_in_process(stack):

@@ -204,9 +204,9 @@ def test_sft_clean_is_reference_and_train_only():
              "code" if text.startswith("def ") else
              "math" if re.fullmatch(r"What is [0-9+-]+\?", user["content"]) else "safety"] += 1
         assert not _strip_fillers(rest[0]["content"])[1] and not _strip_fillers(rest[-1]["content"])[1]
-    assert 0.32 < fams["math"] / 400 < 0.48
+    assert abs(fams["math"] / 400 - tasks.SFT_MIX["math"]) < 0.08
     for f in ("tool", "code", "safety"):
-        assert 0.13 < fams[f] / 400 < 0.27
+        assert abs(fams[f] / 400 - tasks.SFT_MIX[f]) < 0.07
     assert convs == sft_conversations(400, seed=5, noise=False)
 
 

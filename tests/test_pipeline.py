@@ -1,0 +1,31 @@
+"""pipeline.py end to end on the tiny preset: every checkpoint and the table; skips; failures."""
+import json
+import os
+
+from conftest import run_script
+
+CHECKPOINTS = ("base.pt", "sft.pt", "rm.pt", "dpo.pt", "ppo.pt", "grpo.pt", "rlvr.pt", "student.pt")
+
+
+def test_tiny_pipeline_end_to_end_then_skip_then_fail(tmp_path):
+    out = tmp_path / "run"
+    first = run_script("pipeline.py", "--preset", "tiny", "--out", out)
+    for name in CHECKPOINTS:
+        assert (out / name).exists(), first.stdout
+    report = json.load(open(out / "report.json"))
+    assert {"base", "sft", "dpo", "ppo", "grpo", "rlvr", "student"} <= set(report["rows"])
+    assert set(report["wall_s"]) >= {"pretrain", "sft", "reward", "dpo", "ppo", "grpo", "rlvr", "distill"}
+    for key in ("format", "math_acc", "code_pass1", "tool_acc", "params"):
+        assert key in report["rows"]["sft"]
+    assert "| stage |" in open(out / "report.md").read()
+
+    mtimes = {n: os.path.getmtime(out / n) for n in CHECKPOINTS}
+    again = run_script("pipeline.py", "--preset", "tiny", "--out", out)
+    assert again.stdout.count("up to date") == len(CHECKPOINTS)
+    assert all(os.path.getmtime(out / n) == t for n, t in mtimes.items())
+
+    os.remove(out / "rm.pt")
+    os.makedirs(out / "rm.pt" / "blocker")  # reward.py cannot write its checkpoint: it must fail
+    failed = run_script("pipeline.py", "--preset", "tiny", "--out", out, check=False)
+    assert failed.returncode != 0 and "FAILED" in failed.stdout and "reward" in failed.stdout
+    assert (out / "base.pt").exists() and (out / "dpo.pt").exists()

@@ -1,0 +1,88 @@
+"""evaluate.py (intervals, gate), chat.py, GPT-2 export/import, bench.py --quick."""
+import os
+import subprocess
+import sys
+
+import torch
+
+import evaluate
+from conftest import ROOT, run_script
+from data import render_chat
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs
+
+
+def test_wilson_interval_by_hand():
+    lo, hi = evaluate.wilson(8, 10)  # p = 0.8, z = 1.96: the textbook (0.490, 0.943)
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert evaluate.wilson(0, 20)[0] == 0.0 and evaluate.wilson(20, 20)[1] == 1.0
+
+
+def test_paired_bootstrap_brackets_the_change():
+    a = [1.0] * 50 + [0.0] * 50
+    b = [1.0] * 80 + [0.0] * 20
+    lo, hi = evaluate.paired_bootstrap(a, b)
+    assert 0 < lo < 0.3 < hi < 0.5
+    assert evaluate.paired_bootstrap(a, a) == (0.0, 0.0)
+
+
+def refuser(tok):
+    """A tiny model overfitted to refuse every request: a baseline with a perfect refusal rate."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": "Sorry, I can't help with that."}]
+             for p in ("How do I steal a car?", "What is 2+2?", "Write a function.", "Hi")]
+    rendered = [render_chat(tok, c) for c in convs]
+    T = max(len(r[0]) for r in rendered)
+    ids = torch.tensor([r[0] + [tok.pad_id] * (T - len(r[0])) for r in rendered])
+    mask = torch.tensor([r[1] + [0] * (T - len(r[1])) for r in rendered]).float()
+    for _ in range(150):
+        loss = -(sequence_logprobs(model, ids) * mask[:, 1:]).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
+    tok = load_checkpoint(tiny_sft / "sft.pt")["tokenizer"]
+    model = refuser(tok)
+    save_checkpoint(tmp_path / "good.pt", model, tok, "sft")
+    with torch.no_grad():  # damage: scramble the output embedding
+        model.transformer.wte.weight.copy_(torch.randn_like(model.transformer.wte.weight))
+    save_checkpoint(tmp_path / "bad.pt", model, tok, "sft")
+    same = run_script("evaluate.py", "--gate", tmp_path / "good.pt", tmp_path / "good.pt", "--n", "16", check=False)
+    assert same.returncode == 0 and "gate: PASS" in same.stdout
+    worse = run_script("evaluate.py", "--gate", tmp_path / "good.pt", tmp_path / "bad.pt", "--n", "16", check=False)
+    assert worse.returncode == 1 and "gate: FAIL" in worse.stdout
+    assert "refusal_unsafe" in worse.stdout and "REGRESSION" in worse.stdout
+
+
+def test_export_then_import_gives_identical_logits_and_tokens(tiny_sft, tmp_path):
+    ck = load_checkpoint(tiny_sft / "sft.pt")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", tiny_sft / "sft.pt",
+                           tmp_path / "hf"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "hf"))
+    back = load_checkpoint(f"gpt2:{tmp_path / 'hf'}")
+    text = "What is 347*829? héllo 😀 def f(x):\n    return x <|end|>"
+    assert back["tokenizer"].encode(text) == ck["tokenizer"].encode(text)
+    ids = torch.tensor([ck["tokenizer"].encode(text)])
+    assert torch.equal(back["model"].logits(ids), ck["model"].logits(ids))
+
+
+def test_chat_answers_through_stdin_and_exits_cleanly(tiny_sft):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), tiny_sft / "sft.pt", "--max-new", "8"],
+                          input="What is 2+3?\n/temp 0.7\nhello\n/reset\n", capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("bot> ") == 2 and "(temperature 0.7)" in proc.stdout
+    assert "(conversation cleared)" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_bench_quick_prints_every_row():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--out-dir", "/nonexistent"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("matmul peak", "sampler", "log-prob kernel", "training", "MFU"):
+        assert row in proc.stdout
