@@ -34,7 +34,7 @@ from reward import load_pairs, render_response, sample_preference_pairs, write_p
 LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "kto", "simpo", "orpo")
 DEFAULTS = dict(
     init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, temperature=1.0,
-    label_noise=0.0, beta=0.1, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0,
+    label_noise=0.0, beta=0.1, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0, rpo_alpha=0.0,
     batch_size=32, epochs=2, lr=3e-4, warmup=10, weight_decay=0.0, grad_clip=1.0, eval_tasks=50,
     seed=0, device="auto", dtype="bf16",
 )
@@ -342,6 +342,8 @@ def main(argv=None):
             rc_ref, rr_ref = (None, None) if ref_free else (ref_c[idx], ref_r[idx])
             losses = preference_loss(lc, lr_, rc_ref, rr_ref, beta, kind, cfg["label_smoothing"],
                                      cfg["simpo_gamma"], nc, nr)
+            if cfg["rpo_alpha"]:  # RPO (Pang et al. 2024, eq. 1): + alpha * per-token NLL of the chosen
+                losses = losses - cfg["rpo_alpha"] * lc / nc
         else:
             ids, mask = collate([examples[i] for i in idx], tok.pad_id, device)
             with autocast(device, dtype):

@@ -19,6 +19,21 @@ from model import load_checkpoint, token_logprobs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory):
+    """tiny base -> sft, in-process (conftest's one-thread setting: subprocesses with two threads
+    crawl on a shared 2-core machine); reuses test_grpo.py's stack when it is already built."""
+    shared = tmp_path_factory.getbasetemp() / "rl_tiny"
+    if (shared / "sft.pt").exists():
+        return shared
+    import pretrain
+    import sft
+    d = tmp_path_factory.mktemp("rlvr_tiny")
+    pretrain.main(["--preset", "tiny", "--out", str(d / "base.pt")])
+    sft.main(["--preset", "tiny", "--init", str(d / "base.pt"), "--out", str(d / "sft.pt"), "--eval-tasks", "0"])
+    return d
+
+
 def config(*argv):
     return rlvr.resolve_algo(parse_config(rlvr.DEFAULTS, rlvr.PRESETS, list(argv)))
 
