@@ -297,8 +297,10 @@ def student_samples(student, tok, prompts, cfg, generator):
 
 # ----------------------------------------------------------------------------- loss and training
 
-def batch_loss(model, student, teacher, ids, mask, mode, cfg):
-    """Sum over the response tokens of the mode's loss. mask[:, 1:] marks the targets ids[:, 1:]."""
+def batch_loss(model, student, teacher, ids, mask, mode, cfg, hard=0.0):
+    """Sum over the response tokens of the mode's loss. mask[:, 1:] marks the targets ids[:, 1:].
+    KD modes add `hard` x the cross-entropy on the batch's tokens (Hinton et al. 2015's weighted
+    hard-label term; only for data batches, never for the student's own samples)."""
     m = mask[:, 1:].bool()
     hs = model(ids[:, :-1])[m]  # response positions only: prompt and padding never enter
     ce = -token_logprobs(hs, student.lm_head.weight, ids[:, 1:][m]).sum()
@@ -308,7 +310,7 @@ def batch_loss(model, student, teacher, ids, mask, mode, cfg):
         ht = teacher(ids[:, :-1])[m]
     kd = kd_loss(hs, student.lm_head.weight, ht, teacher.lm_head.weight, cfg["div"], cfg["beta"],
                  cfg["temperature"], cfg["top_k"], cfg["chunk"])
-    return kd + cfg["ce_weight"] * ce if cfg["ce_weight"] else kd
+    return kd + hard * ce if hard else kd
 
 
 @torch.no_grad()
@@ -349,7 +351,8 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
         for s in range(0, len(rows), size):
             ids, mask = make_batch(rows, range(s, min(s + size, len(rows))), tok.pad_id, device)
             with autocast(device, cfg["dtype"]):  # sum / global token count (x world: DDP averages grads)
-                loss = batch_loss(model, student, teacher, ids, mask, mode, cfg) * world / n_tokens
+                loss = batch_loss(model, student, teacher, ids, mask, mode, cfg, 0.0 if on_policy else cfg["ce_weight"])
+                loss = loss * world / n_tokens
             loss.backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])

@@ -11,9 +11,11 @@ beta * (log pi(y|x) - log pi_ref(y|x)) (DPO, Rafailov et al. 2023, sec. 5). The 
 frozen init model: the policy starts as that model, so its log-probs are computed once with the
 policy before the first step and no second network is kept in memory.
 
-Sequence log-probs are summed over the completion's own tokens (tool outputs excluded); SimPO
-and ORPO use the per-token average as their papers define; IPO uses the average too, as TRL does
-(with the paper's summed log-probs the target margin 1/(2 beta) would grow with response length).
+Sequence log-probs are summed over the completion's own tokens (tool outputs excluded). SimPO
+and ORPO use the per-token average, as their papers define. IPO uses the sums, as the paper
+(Azar et al. define h on whole sequences); TRL averages per token instead, which makes the target
+margin 1/(2 beta) a per-token one (5 nats per token at beta 0.1: far from the reference), so the
+same beta would not serve both.
 """
 import math
 import os
@@ -35,7 +37,7 @@ LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "kto", "simpo", "orpo")
 DEFAULTS = dict(
     init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, temperature=1.0,
     label_noise=0.0, beta=0.1, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0, rpo_alpha=0.0,
-    batch_size=32, epochs=2, lr=3e-4, warmup=10, weight_decay=0.0, grad_clip=1.0, eval_tasks=50,
+    batch_size=32, epochs=2, lr=3e-5, warmup=10, weight_decay=0.0, grad_clip=1.0, eval_tasks=50,
     seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
@@ -123,9 +125,9 @@ def kto_reference_point(kl_logratio):
 def preference_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp=None, ref_rejected_logp=None,
                     beta=0.1, loss="dpo", label_smoothing=0.0, gamma=0.5, chosen_len=None, rejected_len=None):
     """Per-pair loss (B,) of a paired preference method from sequence log-probs (summed over the
-    completion tokens). chosen_len / rejected_len (token counts) are needed by the length-normalised
-    methods: SimPO and ORPO (their papers) and IPO (as TRL; without lengths IPO uses the sums, as
-    the paper). label_smoothing is eps of cdpo / robust. KTO is unpaired: see kto_loss.
+    completion tokens). chosen_len / rejected_len (token counts) are needed by the reference-free,
+    length-normalised methods (SimPO, ORPO); they ignore the ref_* arguments. label_smoothing is
+    eps of cdpo / robust; gamma is SimPO's margin. KTO is unpaired: see kto_loss.
 
     Example: preference_loss(t([-1.]), t([-1.]), t([-1.]), t([-1.]), beta=0.1) = [log 2].
     """
@@ -133,10 +135,7 @@ def preference_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp=No
         return simpo_loss(policy_chosen_logp / chosen_len, policy_rejected_logp / rejected_len, beta, gamma)
     if loss == "orpo":
         return orpo_loss(policy_chosen_logp / chosen_len, policy_rejected_logp / rejected_len, beta)
-    chosen, rejected = policy_chosen_logp - ref_chosen_logp, policy_rejected_logp - ref_rejected_logp
-    if loss == "ipo" and chosen_len is not None:
-        chosen, rejected = chosen / chosen_len, rejected / rejected_len
-    h = chosen - rejected
+    h = (policy_chosen_logp - ref_chosen_logp) - (policy_rejected_logp - ref_rejected_logp)
     if loss == "dpo":
         return dpo_loss(h, beta)
     if loss == "cdpo":
@@ -265,6 +264,60 @@ def load_data(cfg, model, tok, rank):
 
 # ----------------------------------------------------------------------------- training
 
+def encode_pairs(tok, pairs, block_size):
+    """Pairs -> (chosen rows, rejected rows, prompts), dropping pairs that don't fit the context."""
+    rows = [(encode(tok, p["prompt"], p["chosen"]), encode(tok, p["prompt"], p["rejected"]), p["prompt"])
+            for p in pairs]
+    rows = [r for r in rows if max(len(x[0]) + len(x[1]) for x in r[:2]) <= block_size]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def paired_step(model, cfg, chosen, rejected, ref_c, ref_r, idx, pad_id, device):
+    """Per-pair losses of one batch, and the log-probs / lengths behind them."""
+    # ONE forward for chosen and rejected: rows [chosen..., rejected...]
+    ids, mask = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id, device)
+    with autocast(device, cfg["dtype"]):
+        logp, n = completion_logps(model, ids, mask)
+    lc, lr, nc, nr = *logp.chunk(2), *n.chunk(2)
+    rc, rr = (None, None) if ref_c is None else (ref_c[idx], ref_r[idx])
+    losses = preference_loss(lc, lr, rc, rr, cfg["beta"], cfg["loss"], cfg["label_smoothing"],
+                             cfg["simpo_gamma"], nc, nr)
+    if cfg["rpo_alpha"]:  # RPO (Pang et al. 2024, eq. 1): + alpha * per-token NLL of the chosen
+        losses = losses - cfg["rpo_alpha"] * lc / nc
+    return losses, (lc, lr, rc, rr, nc, nr)
+
+
+def kto_step(model, cfg, examples, labels, ref, kl_rows, ref_kl, idx, pad_id, device):
+    """Per-example KTO losses of one batch, its log-probs and the reference point z0."""
+    with autocast(device, cfg["dtype"]):
+        logp, _ = completion_logps(model, *collate([examples[i] for i in idx], pad_id, device))
+        with torch.no_grad():  # z0 carries no gradient, so its forward keeps no graph
+            kl_logp, _ = completion_logps(model, *collate([kl_rows[i] for i in idx], pad_id, device))
+    z0 = kto_reference_point(kl_logp - ref_kl[idx])
+    losses = kto_loss(logp - ref[idx], labels[idx], z0, cfg["beta"], cfg["kto_lambda_d"], cfg["kto_lambda_u"])
+    return losses, (logp, ref[idx], labels[idx], z0)
+
+
+@torch.no_grad()
+def paired_stats(kind, beta, lc, lr, rc, rr, nc, nr):
+    """What DPO papers report: implicit rewards of both sides, their accuracy and margin, log-probs."""
+    cr, rj = implicit_rewards(lc, rc, nc, kind, beta), implicit_rewards(lr, rr, nr, kind, beta)
+    return dict(rewards_chosen=cr.mean().item(), rewards_rejected=rj.mean().item(),
+                reward_acc=(cr > rj).float().mean().item(), margin=(cr - rj).mean().item(),
+                logps_chosen=lc.mean().item(), logps_rejected=lr.mean().item())
+
+
+@torch.no_grad()
+def kto_stats(beta, logp, ref, lab, z0):
+    """KTO's: the reference point (KL estimate) and the rewards of desirable / undesirable examples."""
+    r = beta * (logp - ref)
+    mean = lambda x: x.mean().item() if len(x) else 0.0
+    out = dict(kl=z0.item(), rewards_chosen=mean(r[lab]), rewards_rejected=mean(r[~lab]),
+               logps_chosen=mean(logp[lab]), logps_rejected=mean(logp[~lab]))
+    out["margin"] = out["rewards_chosen"] - out["rewards_rejected"]
+    return out
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
     if cfg["loss"] not in LOSSES:
@@ -276,48 +329,44 @@ def main(argv=None):
     except CheckpointError as e:
         fail(str(e))
     model, tok = ckpt["model"], ckpt["tokenizer"]
-    kind, beta, block, dtype = cfg["loss"], cfg["beta"], model.config.block_size, cfg["dtype"]
-    paired = kind != "kto"
-    ref_free = kind in ("simpo", "orpo")
+    kind, beta, block, dtype, pad_id = cfg["loss"], cfg["beta"], model.config.block_size, cfg["dtype"], tok.pad_id
+    paired, ref_free = kind != "kto", kind in ("simpo", "orpo")
 
     pairs, unpaired = load_data(cfg, model, tok, rank)
     # the init model's greedy answers to the test tasks, for the final win rate (before any step)
     test = tasks.eval_tasks("test", cfg["eval_tasks"]) if cfg["eval_tasks"] else []
     init_texts, init_lens = evaluate.respond(model.eval(), tok, test) if test else ([], [])
+
+    # reference log-probs, once: the policy IS the reference before its first step
+    ref_c = ref_r = None
     if pairs is not None:
-        rows = [(encode(tok, p["prompt"], p["chosen"]), encode(tok, p["prompt"], p["rejected"])) for p in pairs]
-        keep = [i for i, r in enumerate(rows) if max(len(x[0]) + len(x[1]) for x in r) <= block]
-        chosen, rejected = [rows[i][0] for i in keep], [rows[i][1] for i in keep]
-        prompts = [pairs[i]["prompt"] for i in keep]
+        chosen, rejected, prompts = encode_pairs(tok, pairs, block)
         n_c, n_r = (torch.tensor([float(sum(x[2])) for x in side], device=device) for side in (chosen, rejected))
-        # reference log-probs, once: the policy IS the reference before its first step
         if not ref_free:
-            ref_c, _ = all_logps(model, chosen, tok.pad_id, device, dtype)
-            ref_r, _ = all_logps(model, rejected, tok.pad_id, device, dtype)
+            ref_c, _ = all_logps(model, chosen, pad_id, device, dtype)
+            ref_r, _ = all_logps(model, rejected, pad_id, device, dtype)
     if paired:
         examples = chosen  # one index per pair
     else:  # KTO: chosen -> desirable, rejected -> undesirable, or the unpaired file as it is
         if pairs is not None:
-            examples, prompts = chosen + rejected, prompts + prompts
+            examples, prompts, ref = chosen + rejected, prompts + prompts, torch.cat([ref_c, ref_r])
             labels = [True] * len(chosen) + [False] * len(rejected)
-            ref = torch.cat([ref_c, ref_r])
         else:
             rows = [(encode(tok, p, c), lab, p) for p, c, lab in unpaired]
             rows = [r for r in rows if len(r[0][0]) + len(r[0][1]) <= block]
             examples, labels, prompts = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-            ref, _ = all_logps(model, examples, tok.pad_id, device, dtype)
+            ref, _ = all_logps(model, examples, pad_id, device, dtype)
         labels = torch.tensor(labels, dtype=torch.bool, device=device)
         try:
-            partner = mismatched_partners(prompts, cfg["seed"])
+            kl_rows = mismatched_rows(examples, mismatched_partners(prompts, cfg["seed"]), block)
         except ValueError as e:
             fail(str(e))
-        kl_rows = mismatched_rows(examples, partner, block)
-        ref_kl, _ = all_logps(model, kl_rows, tok.pad_id, device, dtype)
+        ref_kl, _ = all_logps(model, kl_rows, pad_id, device, dtype)
     if len(examples) < 2:
         fail(f"only {len(examples)} usable examples (ties dropped, too-long ones skipped): need at least 2")
-    t_data = time.time() - t0
     if rank == 0:
-        print(f"dpo[{kind}]: {len(examples)} {'pairs' if paired else 'examples'}, data+reference {t_data:.0f}s")
+        print(f"dpo[{kind}]: {len(examples)} {'pairs' if paired else 'examples'}, "
+              f"data+reference {time.time() - t0:.0f}s")
 
     model.train()
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
@@ -329,66 +378,35 @@ def main(argv=None):
     bar = tqdm(range(steps), disable=rank != 0, desc=f"dpo[{kind}]")
     for step in bar:
         set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup"]))
+        # the batch depends only on (seed, epoch, step): every rank takes its slice of the same one
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch))
         idx = perm[k * B:(k + 1) * B][rank::world].tolist()
         n_global = all_reduce_sum(torch.tensor(float(len(idx)), device=device))
         if paired:
-            # ONE forward for chosen and rejected: rows [chosen..., rejected...]
-            ids, mask = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tok.pad_id, device)
-            with autocast(device, dtype):
-                logp, n = completion_logps(train_model, ids, mask)
-            lc, lr_, nc, nr = *logp.chunk(2), *n.chunk(2)
-            rc_ref, rr_ref = (None, None) if ref_free else (ref_c[idx], ref_r[idx])
-            losses = preference_loss(lc, lr_, rc_ref, rr_ref, beta, kind, cfg["label_smoothing"],
-                                     cfg["simpo_gamma"], nc, nr)
-            if cfg["rpo_alpha"]:  # RPO (Pang et al. 2024, eq. 1): + alpha * per-token NLL of the chosen
-                losses = losses - cfg["rpo_alpha"] * lc / nc
+            losses, out = paired_step(train_model, cfg, chosen, rejected, ref_c, ref_r, idx, pad_id, device)
         else:
-            ids, mask = collate([examples[i] for i in idx], tok.pad_id, device)
-            with autocast(device, dtype):
-                logp, n = completion_logps(train_model, ids, mask)
-                with torch.no_grad():  # z0 carries no gradient, so its forward keeps no graph
-                    kl_logp, _ = completion_logps(train_model, *collate([kl_rows[i] for i in idx], tok.pad_id, device))
-            z0 = kto_reference_point(kl_logp - ref_kl[idx])
-            losses = kto_loss(logp - ref[idx], labels[idx], z0, beta, cfg["kto_lambda_d"], cfg["kto_lambda_u"])
+            losses, out = kto_step(train_model, cfg, examples, labels, ref, kl_rows, ref_kl, idx, pad_id, device)
         loss = losses.sum() / (n_global / world)  # x world: DDP averages gradients
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-
         if step % 10 == 0 or step == steps - 1:
             row = dict(loss=loss.item(), grad_norm=norm.item(), lr=opt.param_groups[0]["lr"])
-            with torch.no_grad():
-                if paired:
-                    cr = implicit_rewards(lc, rc_ref, nc, kind, beta)
-                    rr = implicit_rewards(lr_, rr_ref, nr, kind, beta)
-                    row.update(rewards_chosen=cr.mean().item(), rewards_rejected=rr.mean().item(),
-                               reward_acc=(cr > rr).float().mean().item(), margin=(cr - rr).mean().item(),
-                               logps_chosen=lc.mean().item(), logps_rejected=lr_.mean().item())
-                else:
-                    r = beta * (logp - ref[idx])
-                    lab = labels[idx]
-                    row.update(kl=z0.item(), rewards_chosen=r[lab].mean().item() if lab.any() else 0.0,
-                               rewards_rejected=r[~lab].mean().item() if (~lab).any() else 0.0,
-                               logps_chosen=logp[lab].mean().item() if lab.any() else 0.0,
-                               logps_rejected=logp[~lab].mean().item() if (~lab).any() else 0.0)
-                    row["margin"] = row["rewards_chosen"] - row["rewards_rejected"]
+            row.update(paired_stats(kind, beta, *out) if paired else kto_stats(beta, *out))
             log.log(step, **row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('reward_acc', float('nan')):.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}")
 
     # final numbers: implicit-reward accuracy on the training pairs; gold win rate vs the init model
     metrics = dict(loss_type=kind, n_examples=len(examples), train_steps=steps)
     if pairs is not None:
-        pc, _ = all_logps(model, chosen, tok.pad_id, device, dtype)
-        pr, _ = all_logps(model, rejected, tok.pad_id, device, dtype)
-        cr = implicit_rewards(pc, None if ref_free else ref_c, n_c, kind, beta)
-        rr = implicit_rewards(pr, None if ref_free else ref_r, n_r, kind, beta)
-        metrics.update(train_reward_acc=(cr > rr).float().mean().item(), train_margin=(cr - rr).mean().item())
+        pc, _ = all_logps(model, chosen, pad_id, device, dtype)
+        pr, _ = all_logps(model, rejected, pad_id, device, dtype)
+        s = paired_stats(kind, beta, pc, pr, ref_c, ref_r, n_c, n_r)
+        metrics.update(train_reward_acc=s["reward_acc"], train_margin=s["margin"])
     if rank == 0 and test:
-        model.eval()
-        texts, lens = evaluate.respond(model, tok, test)
+        texts, lens = evaluate.respond(model.eval(), tok, test)
         metrics["gold_winrate_vs_sft"] = evaluate.gold_winrate(test, texts, init_texts)
         metrics.update(evaluate.score_responses(test, texts, lens))
         metrics.update({f"init_{k}": v for k, v in evaluate.score_responses(test, init_texts, init_lens).items()})

@@ -20,6 +20,7 @@ from data import generate_responses
 from model import CheckpointError, load_checkpoint
 
 STAGES = ("base", "sft", "dpo", "ppo", "grpo", "rlvr", "student")
+PASSK_ROWS = ("ppo", "rlvr")  # RLVR's init and result: what RL against verifiers did to pass@k
 MAX_NEW = {"math": 96, "code": 48, "tool": 40, "safety": 40}
 
 
@@ -126,8 +127,9 @@ def kl_to_reference(model, ref_model, tok, task_list, generator=None):
     return float(((logp - ref_logp) * resp).sum(1).mean())
 
 
-def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu"):
-    """One row of the table plus the per-task outcomes and responses behind it."""
+def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_problems=0):
+    """One row of the table plus the per-task outcomes and responses behind it. With
+    passk_problems > 0, also unbiased pass@1/4/16 from 16 samples on that many test problems."""
     ckpt = load_checkpoint(path, device)
     model, tok = ckpt["model"], ckpt["tokenizer"]
     texts, lengths = respond(model, tok, task_list)
@@ -142,6 +144,9 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu"):
             row["kl_to_sft"] = kl_to_reference(model, sft["model"], tok, task_list, g)
     if rm is not None:
         row["rm_score"] = float(rm([t.prompt for t in task_list], texts).mean())
+    if passk_problems:
+        from rlvr import passk_eval
+        row.update(passk_eval(model, tok, n_problems=passk_problems))
     return row, outs, texts
 
 
@@ -182,6 +187,11 @@ def write_report(out_dir, rows, wall_s, n_per_family):
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family, greedy decoding; "
                 f"95% Wilson intervals in brackets.\n\n{table}\n\n")
+        passk = {n: {k: v for k, v in r.items() if "pass@" in k} for n, r in rows.items()}
+        for name, vals in passk.items():
+            if vals:
+                f.write(f"pass@k ({name}, 16 samples at temperature 1): "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()) + "\n\n")
         if wall_s:
             f.write("Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in wall_s.items())
                     + f"; total {total:.0f}\n")
@@ -253,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--gate", nargs=2, metavar=("BASELINE", "CANDIDATE"))
     ap.add_argument("--max-drop", type=float, default=0.02)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--passk-problems", type=int, default=16,
+                    help="problems per family for pass@k of the rows before and after RLVR (0: skip)")
     args = ap.parse_args(argv)
     try:
         if args.gate:
@@ -276,7 +288,8 @@ def main(argv=None):
         for path in paths:
             t0 = time.time()
             name = os.path.splitext(os.path.basename(path))[0]
-            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device)
+            passk = args.passk_problems if name in PASSK_ROWS else 0
+            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device, passk)
             print(f"evaluated {name} in {time.time() - t0:.0f}s")
     except CheckpointError as e:
         sys.exit(f"error: {e}")

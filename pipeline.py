@@ -95,8 +95,9 @@ def main(argv=None):
         n = args.eval_n or {"tiny": 4, "cpu": 50, "gpu": 100}[args.preset]
         print("[evaluate] scoring every checkpoint on the test split ...", flush=True)
         t0 = time.time()
+        passk = {"tiny": 2, "cpu": 16, "gpu": 50}[args.preset]
         code = subprocess.call([sys.executable, os.path.join(HERE, "evaluate.py"), "--out-dir", out,
-                                "--n", str(n)], cwd=HERE)
+                                "--n", str(n), "--passk-problems", str(passk)], cwd=HERE)
         if code != 0:
             sys.exit(code)
         print(f"[evaluate] done in {time.time() - t0:.0f}s; report in {out}/report.md")

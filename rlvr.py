@@ -39,7 +39,7 @@ from model import save_checkpoint
 
 DEFAULTS = dict(
     init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="dapo", mix="math:2,code:1,tool:1",
-    n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False,
+    n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_work=True,
     steps=40, prompts_per_step=32, group_size=8, temperature=1.0, top_k=0, top_p=1.0,
     iterations=1, minibatches=2, micro_batch=64, lr=1e-4, warmup=2, weight_decay=0.0, grad_clip=1.0,
     curriculum=True, curriculum_alpha=0.3, curriculum_floor=0.02, ds_max_tries=3, overlong_buffer=0.125,
@@ -188,6 +188,23 @@ def answer_format(text):
     return bool(lines) and _ANSWER_LINE.fullmatch(lines[-1]) is not None and text.lower().count("answer") == 1
 
 
+_EQUATION = re.compile(r"([\d+\-*/() ]+)=\s*(-?\d+)")
+
+
+def work_holds(text):
+    """Every line of the working that is pure arithmetic ('8+7+1=16', '58-27=31') is true. A right
+    answer reached through a false step is a lucky guess: rewarding it teaches the false step."""
+    for line in text.splitlines():
+        m = _EQUATION.fullmatch(line.strip())
+        if m:
+            try:
+                if verifiers.safe_eval(m.group(1)) != int(m.group(2)):
+                    return False
+            except verifiers.CalcError:
+                return False
+    return True
+
+
 def code_shape(code, entry_point):
     """(parses, defines entry_point as a top-level def)."""
     try:
@@ -197,14 +214,15 @@ def code_shape(code, entry_point):
     return True, any(isinstance(n, ast.FunctionDef) and n.name == entry_point for n in tree.body)
 
 
-def judge(task_list, texts, cache, math_tools=False):
+def judge(task_list, texts, cache, math_tools=False, check_work=True):
     """Verifier verdicts and format flags, (B,) float tensors each.
 
     correct: math verify_math; tool verify_tool (>= 1 well-formed calc call and the right answer);
     code passes its tests in the sandbox (run_code_batch, parallel; identical programs run once:
     `cache` maps (code, test, entry_point) -> passed; a program that does not parse is not run).
-    format: math/tool answer_format (math: no calc call unless math_tools: working, not the
-    calculator); code defines the asked function.
+    format: math/tool answer_format; math also: no calc call unless math_tools (working, not the
+    calculator) and, with check_work, every arithmetic line of the working true; code defines
+    the asked function.
     """
     correct, fmt, todo = [0.0] * len(texts), [0.0] * len(texts), {}
     for i, (t, x) in enumerate(zip(task_list, texts)):
@@ -221,7 +239,7 @@ def judge(task_list, texts, cache, math_tools=False):
         elif t.family == "tool":
             fmt[i], correct[i] = float(answer_format(c)), verifiers.verify_tool(x, t.answer)
         else:
-            fmt[i] = float(answer_format(c) and (math_tools or "calc(" not in c))
+            fmt[i] = float(answer_format(c) and (math_tools or "calc(" not in c) and (not check_work or work_holds(c)))
             correct[i] = verifiers.verify_math(c, t.answer)
     keys = list(todo)
     for k, r in zip(keys, verifiers.run_code_batch([dict(code=k[0], test=k[1], entry_point=k[2]) for k in keys])):
@@ -251,7 +269,7 @@ def score(task_list, batch, cfg, cache):
     With shape, finished responses inside the last overlong_buffer fraction of the budget pay
     the soft penalty as well. Filtering edits batch["resp_mask"] in place."""
     dev = batch["ids"].device
-    correct, fmt = judge(task_list, batch["texts"], cache, cfg["math_tools"])
+    correct, fmt = judge(task_list, batch["texts"], cache, cfg["math_tools"], cfg["check_work"])
     correct, fmt = correct.to(dev), fmt.to(dev)
     cap = torch.tensor([float(CAPS[t.family]) for t in task_list], device=dev)
     length = batch["attn_mask"][:, batch["prompt_len"]:].sum(1).float()  # tool tokens count: they use the budget
