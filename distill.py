@@ -361,7 +361,7 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
         if step % 10 == 0 or step == cfg["steps"] - 1:
             row = dict(run=mode, loss=(all_reduce_sum(total) / world).item(), grad_norm=norm.item(),
                        lr=opt.param_groups[0]["lr"], tokens=n_tokens.item(), on_policy=float(on_policy))
-            if step == cfg["steps"] - 1 or (step + 1) % 100 == 0:
+            if step % 100 == 0 or step == cfg["steps"] - 1:
                 row["val_kl_to_teacher"] = kl_to_teacher(student, teacher, val, tok.pad_id, device)
             log.log(step, **row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")

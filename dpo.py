@@ -36,9 +36,9 @@ from reward import load_pairs, render_response, sample_preference_pairs, write_p
 LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "kto", "simpo", "orpo")
 DEFAULTS = dict(
     init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, temperature=1.0,
-    label_noise=0.0, beta=0.1, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0, rpo_alpha=0.0,
-    batch_size=32, epochs=2, lr=3e-5, warmup=10, weight_decay=0.0, grad_clip=1.0, eval_tasks=50,
-    seed=0, device="auto", dtype="bf16",
+    label_noise=0.0, beta=0.3, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0,
+    rpo_alpha=1.0, batch_size=32, epochs=2, lr=1e-5, warmup=10, weight_decay=0.0, grad_clip=1.0,
+    eval_tasks=50, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_prompts=24, batch_size=4, epochs=1, warmup=1, eval_tasks=2),
@@ -241,8 +241,8 @@ def load_data(cfg, model, tok, rank):
     if cfg["data"]:
         if not os.path.exists(cfg["data"]):
             fail(f"{cfg['data']}: no such file")
-        with open(cfg["data"], "rb") as f:
-            first = f.readline()
+        with open(cfg["data"], "rb") as f:  # the format is told by the first record's keys
+            first = next((line for line in f if line.strip()), b"")
         if b'"label"' in first and b'"completion"' in first:
             if cfg["loss"] != "kto":
                 fail(f"{cfg['data']}: unpaired (kto format) data needs --loss kto")

@@ -527,11 +527,13 @@ def main(argv=None, reward_fn=None):
     train_s = time.time() - t0
     if rank != 0:
         return
+    save = lambda metrics: save_checkpoint(cfg["out"], model, tok, "grpo", parent=cfg["init"], config=cfg,
+                                           metrics=metrics, optimizer=opt, step=cfg["steps"])
+    save(dict(train_s=train_s))  # the trained policy is safe before the (slow) evaluation starts
     rm_fn = reward_fn if cfg["reward"] == "rm" else None
     metrics = dict(final_eval(model, ref_model, tok, rm_fn, cfg) if cfg["eval_tasks"] else {}, train_s=train_s)
     metrics["wall_s"] = time.time() - t0
-    save_checkpoint(cfg["out"], model, tok, "grpo", parent=cfg["init"], config=cfg, metrics=metrics,
-                    optimizer=opt, step=cfg["steps"])
+    save(metrics)
     if cfg["eval_tasks"]:
         print_before_after("grpo", metrics, metrics["wall_s"])
 

@@ -305,6 +305,9 @@ def main(argv=None, reward_fn=None):
     train_s = time.time() - t0
     if rank != 0:
         return
+    save = lambda metrics: save_checkpoint(cfg["out"], model, tok, "ppo", parent=cfg["init"], config=cfg,
+                                           metrics=metrics, optimizer=opt, step=cfg["steps"])
+    save(dict(train_s=train_s))  # the trained policy is safe before the (slow) evaluation starts
     rm_fn = reward_fn if cfg["reward"] == "rm" else None
     metrics = dict(grpo.final_eval(model, ref_model, tok, rm_fn, cfg) if cfg["eval_tasks"] else {},
                    train_s=train_s, critic_init=critic_src, kl_coef_final=kl_coef)
@@ -314,8 +317,7 @@ def main(argv=None, reward_fn=None):
         path, _ = overoptimisation_curve(run_rows, bon, os.path.dirname(os.path.abspath(cfg["out"])))
         print(f"ppo: over-optimisation curve -> {path}")
     metrics["wall_s"] = time.time() - t0
-    save_checkpoint(cfg["out"], model, tok, "ppo", parent=cfg["init"], config=cfg, metrics=metrics,
-                    optimizer=opt, step=cfg["steps"])
+    save(metrics)
     if cfg["eval_tasks"]:
         grpo.print_before_after("ppo", metrics, metrics["wall_s"])
 

@@ -199,6 +199,49 @@ def load_reward_model(path, device=None, batch_size=64):
 
 # ----------------------------------------------------------------------------- training
 
+def train_and_val_pairs(cfg, sft, tok, rank):
+    """--data: the file, val_frac of it held out. Otherwise pairs sampled from the SFT model on
+    train prompts, held out: pairs on val-split prompts with clean gold labels. Every rank builds
+    the same pairs (same seed), then trains on its slice of each batch."""
+    if cfg["data"]:
+        pairs = load_pairs(cfg["data"])
+        random.Random(cfg["seed"]).shuffle(pairs)
+        n_val = max(1, int(len(pairs) * cfg["val_frac"])) if len(pairs) > 1 else 0
+        return pairs[n_val:], pairs[:n_val]
+    train = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"], cfg["label_noise"])
+    val = sample_preference_pairs(sft, tok, cfg["n_val_prompts"], cfg["seed"], cfg["temperature"], split="val")
+    if rank == 0:
+        write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_reward.jsonl"), train)
+    return train, val
+
+
+def reward_model_from(sft):
+    """The SFT network plus a scalar head, zero-initialised so every pair starts at loss log 2."""
+    model = GPT(dataclasses.replace(sft.config, scalar_head=True)).to(next(sft.parameters()).device)
+    missing, unexpected = model.load_state_dict(sft.state_dict(), strict=False)
+    assert sorted(missing) == ["score_head.bias", "score_head.weight"] and not unexpected, (missing, unexpected)
+    torch.nn.init.zeros_(model.score_head.weight)
+    return model.train()
+
+
+def final_metrics(model, train, val, pad_id, device, dtype):
+    """Held-out pair accuracy (overall and per family), train accuracy, and the normalisation:
+    (mean, std) of raw scores over every training response, i.e. over SFT samples (with --data,
+    over the file's responses)."""
+    m = {}
+    if val:
+        vc, vr = pair_scores(model, val, pad_id, device, dtype)
+        m["val_acc"], m["val_loss"] = (vc > vr).float().mean().item(), bt_loss(vc, vr).mean().item()
+        for fam in sorted({v["family"] for v in val}):
+            sel = torch.tensor([v["family"] == fam for v in val], device=vc.device)
+            m[f"val_acc_{fam}"] = (vc[sel] > vr[sel]).float().mean().item()
+    tc, tr = pair_scores(model, train, pad_id, device, dtype)
+    m["train_acc"] = (tc > tr).float().mean().item()
+    raw = torch.cat([tc, tr])
+    m["reward_mean"], m["reward_std"] = raw.mean().item(), max(raw.std().item() if len(raw) > 1 else 1.0, 1e-6)
+    return m
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
     device, rank, world = setup(cfg)
@@ -208,52 +251,31 @@ def main(argv=None):
     except CheckpointError as e:
         fail(str(e))
     sft, tok = ckpt["model"], ckpt["tokenizer"]
-
-    # every rank builds the same pairs (same seed), then trains on its slice of each batch
-    if cfg["data"]:
-        pairs = load_pairs(cfg["data"])
-        random.Random(cfg["seed"]).shuffle(pairs)
-        n_val = max(1, int(len(pairs) * cfg["val_frac"])) if len(pairs) > 1 else 0
-        train_pairs, val_pairs = pairs[n_val:], pairs[:n_val]
-    else:
-        train_pairs = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"],
-                                              cfg["label_noise"])
-        # held out: prompts of the val split, with clean gold labels
-        val_pairs = sample_preference_pairs(sft, tok, cfg["n_val_prompts"], cfg["seed"], cfg["temperature"],
-                                            split="val")
-        if rank == 0:
-            write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_reward.jsonl"), train_pairs)
-    t_data = time.time() - t0
-    block = sft.config.block_size
-    train, dropped = encode_pairs(tok, train_pairs, block)
-    val, _ = encode_pairs(tok, val_pairs, block)
+    train_pairs, val_pairs = train_and_val_pairs(cfg, sft, tok, rank)
+    train, dropped = encode_pairs(tok, train_pairs, sft.config.block_size)
+    val, _ = encode_pairs(tok, val_pairs, sft.config.block_size)
     if not train:
         fail("no preference pairs to train on (every sampled pair tied, or none fits the context)")
     if rank == 0:
         print(f"reward: {len(train)} train pairs, {len(val)} val pairs ({dropped} too long), "
-              f"data {t_data:.0f}s")
+              f"data {time.time() - t0:.0f}s")
 
-    # the SFT network plus a scalar head; a zero head starts every pair at loss log 2
-    model = GPT(dataclasses.replace(sft.config, scalar_head=True)).to(device)
-    missing, unexpected = model.load_state_dict(sft.state_dict(), strict=False)
-    assert sorted(missing) == ["score_head.bias", "score_head.weight"] and not unexpected, (missing, unexpected)
-    torch.nn.init.zeros_(model.score_head.weight)
+    model = reward_model_from(sft)
     del sft
-    model.train()
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log = MetricLog(cfg["out"], "reward", enabled=rank == 0)
-
     B = cfg["batch_size"]
     per_epoch = math.ceil(len(train) / B)
     steps = cfg["epochs"] * per_epoch
     bar = tqdm(range(steps), disable=rank != 0, desc="reward")
     for step in bar:
         set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup"]))
+        # the batch depends only on (seed, epoch, step): every rank takes its slice of the same one
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch))
         idx = perm[k * B:(k + 1) * B][rank::world].tolist()
-        ids, lengths = pair_batch(train, idx, tok.pad_id, device)
+        ids, lengths = pair_batch(train, idx, tok.pad_id, device)  # one forward: chosen rows, then rejected
         n_pairs = all_reduce_sum(torch.tensor(float(len(idx)), device=device))
         with autocast(device, cfg["dtype"]):
             r = last_token_scores(train_model, ids, lengths)
@@ -270,27 +292,16 @@ def main(argv=None):
             log.log(step, **row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
 
-    # held-out accuracy, then the normalisation: (mean, std) of raw scores over the SFT samples
     metrics = dict(n_train_pairs=len(train), n_val_pairs=len(val), params=model.num_params())
     if not cfg["data"]:
         metrics["tie_rate"] = 1 - len(train_pairs) / max(1, cfg["n_prompts"])
-    if val:
-        vc, vr = pair_scores(model, val, tok.pad_id, device, cfg["dtype"])
-        metrics["val_acc"] = (vc > vr).float().mean().item()
-        metrics["val_loss"] = bt_loss(vc, vr).mean().item()
-        for fam in sorted({v["family"] for v in val}):
-            sel = torch.tensor([v["family"] == fam for v in val], device=vc.device)
-            metrics[f"val_acc_{fam}"] = (vc[sel] > vr[sel]).float().mean().item()
-    tc, tr = pair_scores(model, train, tok.pad_id, device, cfg["dtype"])
-    metrics["train_acc"] = (tc > tr).float().mean().item()
-    raw = torch.cat([tc, tr])  # every sampled response: SFT samples (--data: the file's responses)
-    mean, std = raw.mean().item(), raw.std().item() if len(raw) > 1 else 1.0
-    metrics["reward_mean"], metrics["reward_std"] = mean, std
+    metrics.update(final_metrics(model, train, val, tok.pad_id, device, cfg["dtype"]))
     metrics["wall_s"] = time.time() - t0
     if rank == 0:
-        log.log(steps, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log.log(steps, **metrics)
         save_checkpoint(cfg["out"], model, tok, "reward", parent=cfg["init"], config=cfg, metrics=metrics,
-                        optimizer=opt, step=steps, extra=dict(reward_mean=mean, reward_std=max(std, 1e-6)))
+                        optimizer=opt, step=steps,
+                        extra=dict(reward_mean=metrics["reward_mean"], reward_std=metrics["reward_std"]))
         print("reward: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 
 

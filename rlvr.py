@@ -38,10 +38,10 @@ from data import DataError, generate_responses, read_jsonl
 from model import save_checkpoint
 
 DEFAULTS = dict(
-    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="dapo", mix="math:2,code:1,tool:1",
+    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="grpo", mix="math:2,code:1,tool:1",
     n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_work=True,
-    steps=40, prompts_per_step=32, group_size=8, temperature=1.0, top_k=0, top_p=1.0,
-    iterations=1, minibatches=2, micro_batch=64, lr=1e-4, warmup=2, weight_decay=0.0, grad_clip=1.0,
+    steps=30, prompts_per_step=32, group_size=8, temperature=0.7, top_k=0, top_p=1.0,
+    iterations=1, minibatches=1, micro_batch=64, lr=3e-5, warmup=2, weight_decay=0.0, grad_clip=1.0,
     curriculum=True, curriculum_alpha=0.3, curriculum_floor=0.02, ds_max_tries=3, overlong_buffer=0.125,
     # from ALGOS unless given: None means "the algorithm's setting"
     advantage=None, loss_agg=None, eps_low=None, eps_high=None, kl=None, beta=None, kl_reward=None,
@@ -143,9 +143,11 @@ def load_pool(cfg):
 
 def draw_prompts(pool, bucket, p, quota, cfg, gen):
     """Indices into pool: quota[f] tasks of each family, without replacement. With the curriculum
-    a task is drawn with weight p(1-p) + floor, p its bucket's running success rate: buckets the
-    policy solves sometimes give groups with a reward spread, the only ones with a gradient."""
-    w = p[bucket] * (1 - p[bucket]) + cfg["curriculum_floor"] if cfg["curriculum"] else torch.ones(len(pool))
+    a bucket is drawn with weight p(1-p) + floor, p its running success rate, then a task in it:
+    buckets the policy solves sometimes give groups with a reward spread, the only ones with a
+    gradient (whatever their share of the pool: 3-digit sums outnumber 1-digit ones)."""
+    size = torch.bincount(bucket, minlength=len(p)).float()[bucket]  # weights are per bucket, not per task
+    w = (p[bucket] * (1 - p[bucket]) + cfg["curriculum_floor"]) / size if cfg["curriculum"] else torch.ones(len(pool))
     out = []
     for fam, n in quota.items():
         idx = torch.tensor([i for i, t in enumerate(pool) if t.family == fam])
@@ -424,7 +426,7 @@ def evaluate_model(model, tok, cfg, cache):
     m["tool_acc_no_tools"] = sum(verifiers.verify_math(clean(x), t.answer) for t, x in zip(tool, out["texts"])) / len(tool)
     if cfg["passk_problems"]:
         m.update(passk_eval(model, tok, n_problems=cfg["passk_problems"], n_samples=cfg["passk_samples"],
-                            temperature=cfg["temperature"], seed=cfg["seed"], cache=cache))
+                            seed=cfg["seed"], cache=cache))
     return m
 
 

@@ -226,7 +226,8 @@ def pref_file(tmp_path_factory):
     return path
 
 
-def test_cli_smoke_samples_pairs_trains_and_reports(tiny_sft, tmp_path):
+def test_cli_smoke_samples_pairs_trains_and_reports(tiny_sft, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: a second thread only adds contention
     out = tmp_path / "dpo.pt"
     run_script("dpo.py", "--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", out)
     ckpt = load_checkpoint(out)

@@ -114,15 +114,16 @@ def test_sampled_pairs_follow_the_gold_judge(tiny_sft):
 
 # ----------------------------------------------------------------------------- script
 
-def test_reward_script_smoke(tiny_sft, tmp_path):
+def test_reward_script_smoke(tiny_sft, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: a second thread only adds contention
     out = tmp_path / "rm.pt"
     run_script("reward.py", "--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", out)
     ckpt = load_checkpoint(out)
     assert ckpt["stage"] == "reward" and ckpt["model"].score_head is not None
     assert 0.0 <= ckpt["metrics"]["val_acc"] <= 1.0 and ckpt["extra"]["reward_std"] > 0
-    block = ckpt["model"].config.block_size
-    pairs = [p for p in read_jsonl(tmp_path / "prefs_reward.jsonl", "pref")  # those that fit, as trained
-             if max(len(reward.render_response(ckpt["tokenizer"], p["prompt"], p[k])[0]) for k in ("chosen", "rejected")) <= block]
+    fits = lambda p: max(len(reward.render_response(ckpt["tokenizer"], p["prompt"], p[k])[0])
+                         for k in ("chosen", "rejected")) <= ckpt["model"].config.block_size
+    pairs = [p for p in read_jsonl(tmp_path / "prefs_reward.jsonl", "pref") if fits(p)]  # as trained
     # the stored normalisation makes the training responses mean 0 / std 1
     score = reward.load_reward_model(str(out))
     r = score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
