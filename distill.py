@@ -428,18 +428,20 @@ def main(argv=None):
     runs = {"student": student}
     if cfg["baseline"] and cfg["mode"] != "sft":  # same init, data, steps and schedule; hard labels
         baseline, _ = make_student(teacher, tok, cfg, calib, device)
+        t1 = time.time()
         runs["baseline"] = train(baseline, teacher, tok, data, prompts, "sft", cfg, device, rank, world, log, val)
-        metrics["baseline"] = dict(kl_to_teacher=kl_to_teacher(runs["baseline"], teacher, val, tok.pad_id, device))
+        metrics["baseline"] = dict(kl_to_teacher=kl_to_teacher(runs["baseline"], teacher, val, tok.pad_id, device),
+                                   train_s=time.time() - t1)
     if rank == 0 and cfg["eval_tasks"]:
         results = {name: score_on_test(m, tok, cfg["eval_tasks"]) for name, m in [("teacher", teacher)] + list(runs.items())}
         metrics.update(results["student"])
         metrics["teacher"] = results["teacher"]
         if "baseline" in results:
             metrics["baseline"].update(results["baseline"])
-        keys = ("math_acc", "tool_acc", "code_pass1", "refusal_unsafe", "format")
         print(f"distill: test split, {cfg['eval_tasks']} math and tool tasks, <= 60 code and safety")
         for name, r in results.items():
-            print(f"  {name:9s} " + "  ".join(f"{k} {r.get(k, float('nan')):.3f}" for k in keys))
+            print(f"  {name:9s} " + "  ".join(f"{k} {r.get(k, float('nan')):.3f}" for k in
+                                            ("math_acc", "tool_acc", "code_pass1", "refusal_unsafe", "format")))
         for k in ("math_acc", "tool_acc"):
             if results["teacher"].get(k):
                 metrics[f"{k}_vs_teacher"] = results["student"][k] / results["teacher"][k]

@@ -405,7 +405,7 @@ def score(reward_fn, batch, missing_eos_penalty):
 
 
 def gold_of(task_of, batch):
-    """Mean gold score of the sampled texts (logged next to the proxy), or None without tasks."""
+    """The gold judge's verdicts on the sampled texts (logged next to the proxy), None without tasks."""
     if not task_of or any(p not in task_of for p in batch["prompts"]):
         return None
     return tasks.gold_scores([task_of[p] for p in batch["prompts"]], batch["texts"])

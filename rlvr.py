@@ -22,10 +22,10 @@ they get no policy gradient, no KL, no advantage and add nothing to REINFORCE++'
 PPO's GAE (which bootstraps across them), since every sum and recursion runs over resp_mask.
 """
 import ast
-import math
 import os
 import re
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -82,13 +82,10 @@ def resolve_algo(cfg):
     if cfg["algo"] not in ALGOS:
         fail(f"--algo {cfg['algo']!r}: expected one of {', '.join(ALGOS)}")
     for k, v in ALGOS[cfg["algo"]].items():
-        given = cfg[k]
-        if given is None:
+        if cfg[k] is None:
             cfg[k] = v
-        elif isinstance(v, bool):
-            cfg[k] = str(given).lower() in ("1", "true", "yes", "on")
         else:
-            cfg[k] = type(v)(given)
+            cfg[k] = str(cfg[k]).lower() in ("1", "true", "yes", "on") if isinstance(v, bool) else type(v)(cfg[k])
     if cfg["overlong"] not in ("filter", "shape", "none") or cfg["loss_agg"] not in grpo.LOSS_AGG:
         fail(f"--overlong filter|shape|none, --loss-agg {grpo.LOSS_AGG}; got {cfg['overlong']!r}, {cfg['loss_agg']!r}")
     if cfg["algo"] != "ppo" and cfg["advantage"] not in grpo.ADVANTAGES:
@@ -102,24 +99,21 @@ def parse_mix(mix):
     """'math:2,code:1,tool:1' -> {'math': 2.0, 'code': 1.0, 'tool': 1.0}."""
     try:
         out = {f: float(w) for f, w in (part.split(":") for part in mix.split(","))}
-    except ValueError:
-        fail(f"--mix {mix!r}: expected family:weight pairs like math:2,code:1,tool:1")
-    if not out or set(out) - set(CAPS) or min(out.values()) < 0:
-        fail(f"--mix {mix!r}: families are {', '.join(CAPS)}, weights >= 0")
-    return out
+        assert out and not set(out) - set(CAPS) and min(out.values()) >= 0
+        return out
+    except (ValueError, AssertionError):
+        fail(f"--mix {mix!r}: expected family:weight pairs (families {', '.join(CAPS)}, weights >= 0)")
 
 
 def bucket_of(task):
     """The difficulty bucket the curriculum tracks: math (digits, steps), tool operand lengths,
     code template; prompts from --data share one bucket per family."""
     m = task.meta
-    if task.family == "math" and "digits" in m:
+    if "steps" in m:
         return f"math d{m['digits']} s{m['steps']}"
-    if task.family == "tool" and "a" in m:
+    if "a" in m:
         return f"tool {len(str(m['a']))}x{len(str(m['b']))}"
-    if task.family == "code" and "template" in m:
-        return f"code {m['template']}"
-    return task.family
+    return f"code {m['template']}" if "template" in m else task.family
 
 
 def load_pool(cfg):
@@ -141,28 +135,24 @@ def load_pool(cfg):
     return [t for f in mix for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"], **knobs[f])]
 
 
-def draw_prompts(pool, bucket, p, quota, cfg, gen):
-    """Indices into pool: quota[f] tasks of each family, without replacement. With the curriculum
-    a bucket is drawn with weight p(1-p) + floor, p its running success rate, then a task in it:
-    buckets the policy solves sometimes give groups with a reward spread, the only ones with a
-    gradient (whatever their share of the pool: 3-digit sums outnumber 1-digit ones)."""
+def draw_prompts(pool, bucket, p, n, cfg, gen):
+    """Indices into pool: n tasks split over the families as --mix says (remainder to the first),
+    without replacement within a family. With the curriculum a bucket is drawn with weight
+    p(1-p) + floor, p its running success rate, then a task in it: buckets the policy solves
+    sometimes give groups with a reward spread, the only ones with a gradient (whatever their
+    share of the pool: 3-digit sums outnumber 1-digit ones)."""
     size = torch.bincount(bucket, minlength=len(p)).float()[bucket]  # weights are per bucket, not per task
     w = (p[bucket] * (1 - p[bucket]) + cfg["curriculum_floor"]) / size if cfg["curriculum"] else torch.ones(len(pool))
-    out = []
-    for fam, n in quota.items():
-        idx = torch.tensor([i for i, t in enumerate(pool) if t.family == fam])
-        if n and len(idx):
-            out += idx[torch.multinomial(w[idx], min(n, len(idx)), replacement=False, generator=gen)].tolist()
-    return out
-
-
-def family_quota(pool, n, mix):
-    """n prompts split over the families in proportion to --mix (remainder to the first)."""
+    mix = parse_mix(cfg["mix"])
     fams = [f for f in mix if mix[f] > 0 and any(t.family == f for t in pool)]
-    total = sum(mix[f] for f in fams)
-    quota = {f: int(n * mix[f] / total) for f in fams}
+    quota = {f: int(n * mix[f] / sum(mix[f] for f in fams)) for f in fams}
     quota[fams[0]] += n - sum(quota.values())
-    return quota
+    out = []
+    for fam, k in quota.items():
+        idx = torch.tensor([i for i, t in enumerate(pool) if t.family == fam])
+        if k:
+            out += idx[torch.multinomial(w[idx], min(k, len(idx)), replacement=False, generator=gen)].tolist()
+    return out
 
 
 def update_curriculum(p, buckets, success, alpha):
@@ -196,21 +186,16 @@ _EQUATION = re.compile(r"([\d+\-*/() ]+)=\s*(-?\d+)")
 def work_holds(text):
     """Every line of the working that is pure arithmetic ('8+7+1=16', '58-27=31') is true. A right
     answer reached through a false step is a lucky guess: rewarding it teaches the false step."""
-    for line in text.splitlines():
-        m = _EQUATION.fullmatch(line.strip())
-        if m:
-            try:
-                if verifiers.safe_eval(m.group(1)) != int(m.group(2)):
-                    return False
-            except verifiers.CalcError:
-                return False
-    return True
+    steps = [m for m in map(_EQUATION.fullmatch, map(str.strip, text.splitlines())) if m]
+    return all(verifiers.run_calculator(m.group(1)) == str(int(m.group(2))) for m in steps)
 
 
 def code_shape(code, entry_point):
     """(parses, defines entry_point as a top-level def)."""
     try:
-        tree = ast.parse(code)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # '1x' in a sampled program: a SyntaxWarning per call
+            tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return False, False
     return True, any(isinstance(n, ast.FunctionDef) and n.name == entry_point for n in tree.body)
@@ -294,11 +279,11 @@ def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
     groups whose rewards are all equal are dropped and fresh prompts drawn, up to ds_max_tries
     rollouts; if nothing is left the last rollout is kept (its advantages are 0) so every DDP rank
     joins the update. Returns (batch, rewards, facts, fraction of groups dropped)."""
-    G, want, mix = cfg["group_size"], cfg["prompts_per_step"], parse_mix(cfg["mix"])
+    G, want = cfg["group_size"], cfg["prompts_per_step"]
     gen = torch.Generator().manual_seed((cfg["seed"] * 1_000_003 + step) * 1009 + rank)  # each rank its own prompts
     parts, kept, seen = [], 0, 0
     for attempt in range(cfg["ds_max_tries"] if cfg["dynamic_sampling"] else 1):
-        idx = draw_prompts(pool, bucket, p, family_quota(pool, want - kept, mix), cfg, gen)
+        idx = draw_prompts(pool, bucket, p, want - kept, cfg, gen)
         task_list = [pool[i] for i in idx for _ in range(G)]
         cap = max(CAPS[pool[i].family] for i in idx)
         batch = grpo.rollout(model, tok, [pool[i].prompt for i in idx], G, cap, cfg["temperature"],
@@ -361,16 +346,14 @@ def policy_step(model, ref_model, opt, batch, rewards, cfg):
     step whenever a later step is off-policy; reference log-probs only when a KL term needs them."""
     T, micro, dtype = cfg["temperature"], cfg["micro_batch"], cfg["dtype"]
     parts = length_minibatches(batch, cfg["minibatches"])
-    full = lambda: torch.zeros_like(batch["resp_mask"])
-    old_logp = ref_logp = None
-    if cfg["iterations"] > 1 or cfg["minibatches"] > 1 or cfg["kl_reward"] > 0:
-        old_logp = full()
+
+    def logprobs(m):  # (B,T-1), filled part by part
+        out = torch.zeros_like(batch["resp_mask"])
         for rows, lo, hi, sub in parts:
-            old_logp[rows, lo:hi - 1] = grpo.batched_logprobs(model, sub, T, micro, dtype)
-    if cfg["kl"] != "off" or cfg["kl_reward"] > 0:
-        ref_logp = full()
-        for rows, lo, hi, sub in parts:
-            ref_logp[rows, lo:hi - 1] = grpo.batched_logprobs(ref_model, sub, T, micro, dtype)
+            out[rows, lo:hi - 1] = grpo.batched_logprobs(m, sub, T, micro, dtype)
+        return out
+    old_logp = logprobs(model) if cfg["iterations"] > 1 or cfg["minibatches"] > 1 or cfg["kl_reward"] > 0 else None
+    ref_logp = logprobs(ref_model) if cfg["kl"] != "off" or cfg["kl_reward"] > 0 else None
     adv_tok = advantages(rewards, batch, cfg, old_logp, ref_logp)
     one = dict(cfg, iterations=1, minibatches=1)
     stats = []
@@ -385,6 +368,19 @@ def policy_step(model, ref_model, opt, batch, rewards, cfg):
             len(rewards) * cfg["iterations"])
     out.update({k: v for k, v in stats[0].items() if k.startswith("first_mb")})  # ρ = 1 before any step
     return out
+
+
+def step_stats(rewards, facts, G):
+    """What to watch each step: reward and its spread, success (per family), format, truncation,
+    length, and the fraction of groups whose rewards are all equal (no gradient)."""
+    r = rewards.view(-1, G) if len(rewards) % G == 0 else rewards.view(-1, 1)
+    row = dict(reward=rewards.mean(), reward_std=rewards.std() if len(rewards) > 1 else 0.0,
+               zero_adv_groups=(r == r[:, :1]).all(1).float().mean(),
+               **{k: facts[k].float().mean() for k in ("success", "format", "truncated", "length")})
+    for i, f in enumerate(CAPS):
+        if (facts["family"] == i).any():
+            row[f"success_{f}"] = facts["success"][facts["family"] == i].mean()
+    return {k: float(v) for k, v in row.items()}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -432,10 +428,8 @@ def evaluate_model(model, tok, cfg, cache):
 
 def print_before_after(before, after):
     keys = ["math_acc", "code_pass1", "tool_acc", "tool_acc_no_tools", "format", "refusal_unsafe", "overrefusal_safe"]
-    keys += sorted(k for k in after if "_pass@" in k)
-    for k in keys:
-        if k in after:
-            print(f"rlvr: {k:18s} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
+    for k in [k for k in keys if k in after] + sorted(k for k in after if "_pass@" in k):
+        print(f"rlvr: {k:18s} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -479,19 +473,9 @@ def main(argv=None):
         else:
             stats = policy_step(train_model, ref_model, opt, batch, rewards, ucfg)
         steps_done += 1
-        r = rewards.view(-1, G) if len(rewards) % G == 0 else rewards.view(-1, 1)
-        row = dict(stats, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
-                   success=float(facts["success"].mean()), format=float(facts["format"].mean()),
-                   truncated=float(facts["truncated"].mean()), length=float(facts["length"].mean()),
-                   zero_adv_groups=float((r == r[:, :1]).all(1).float().mean()), ds_dropped=dropped,
-                   lr=opt.param_groups[0]["lr"])
-        for i, f in enumerate(CAPS):  # success per family: which verifier is the policy beating?
-            on = facts["family"] == i
-            if on.any():
-                row[f"success_{f}"] = float(facts["success"][on].mean())
+        row = dict(stats, **step_stats(rewards, facts, G), ds_dropped=dropped, lr=opt.param_groups[0]["lr"])
         log.log(step, **row)
-        bar.set_postfix(r=f"{row['reward']:.2f}", ok=f"{row['success']:.2f}", kl=f"{row.get('kl_seq', 0):.2f}",
-                        zero=f"{row['zero_adv_groups']:.2f}")
+        bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{row.get('kl_seq', 0):.2f}", zero=f"{row['zero_adv_groups']:.2f}")
 
     train_s = time.time() - t_train
     if rank != 0:

@@ -275,7 +275,7 @@ def test_malformed_data_is_rejected_with_file_and_line(tiny_sft, tmp_path):
 def test_dpo_raises_the_implicit_reward_accuracy(tiny_sft, pref_file, tmp_path):
     out = tmp_path / "learn.pt"
     dpo.main(["--preset", "tiny", "--init", str(tiny_sft / "sft.pt"), "--out", str(out), "--data", str(pref_file),
-              "--epochs", "8", "--batch-size", "8", "--lr", "3e-3", "--beta", "0.5", "--eval-tasks", "0"])
+              "--epochs", "8", "--batch-size", "8", "--lr", "3e-3", "--beta", "0.5", "--eval-tasks", "0", "--rpo-alpha", "0"])
     logged = [json.loads(line) for line in open(tmp_path / "learn.jsonl")]
     first = logged[0]  # step 0: the policy is still the reference, every implicit reward is ~0
     assert abs(first["margin"]) < 1e-3 and abs(first["loss"] - math.log(2)) < 1e-3

@@ -271,7 +271,7 @@ def test_curriculum_prefers_sometimes_solved_buckets():
     bucket = torch.arange(300) // 100
     p = torch.tensor([0.0, 0.5, 1.0])
     cfg = config("--curriculum-floor", "0.01")
-    idx = rlvr.draw_prompts(pool, bucket, p, {"math": 60}, cfg, torch.Generator().manual_seed(0))
+    idx = rlvr.draw_prompts(pool, bucket, p, 60, cfg, torch.Generator().manual_seed(0))
     hits = torch.bincount(bucket[idx], minlength=3).tolist()
     assert len(set(idx)) == 60 and hits[1] >= 45
 
