@@ -38,9 +38,9 @@ DEFAULTS = dict(
     init="out/dpo.pt", out="out/grpo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
     steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
     advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=64,
-    eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.04,
+    eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.2,
     dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0,
-    lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
+    lr=2e-5, warmup=3, weight_decay=0.0, grad_clip=1.0,
     gold_every=5, eval_tasks=50,
     seed=0, device="auto", dtype="bf16",
 )
