@@ -9,7 +9,7 @@ sandbox, tool tasks must call the calculator and land on the right answer.
 Each step (the GRPO loop of grpo.py, with verifiers as the reward):
     draw prompts, weighted towards the difficulty buckets the policy solves sometimes   draw_prompts
     sample G responses each; calc(EXPR) calls run during sampling (forced tokens)      grpo.rollout
-    reward = verifier verdict x format gate (+ DAPO's overlong shaping)                  score
+    reward = verifier verdict x format gate (+ overlong shaping, math step credit)     score
     [dynamic sampling: drop groups whose rewards are all equal, draw more]              sample_groups
     advantages (group-relative, RLOO, REINFORCE++, or PPO's critic + GAE), update       grpo / ppo
 and before/after the run: greedy accuracy per family, the no-tool accuracy on tool tasks, and
@@ -17,7 +17,9 @@ unbiased pass@k (passk_eval, also used by evaluate.py).
 
 --algo picks the settings of a published recipe (ALGOS below); any of them can be overridden by
 its flag (--advantage, --loss-agg, --eps-high, --kl, --beta, --kl-reward, --dynamic-sampling,
---overlong). Tool outputs are inserted by the sampler with sampled=0, so resp_mask is 0 on them:
+--overlong). Math is verified step by step as well as by its answer (judge: a right answer
+after a false step is a lucky guess, and partial credit goes to the reference's column steps).
+Tool outputs are inserted by the sampler with sampled=0, so resp_mask is 0 on them:
 they get no policy gradient, no KL, no advantage and add nothing to REINFORCE++'s returns or to
 PPO's GAE (which bootstraps across them), since every sum and recursion runs over resp_mask.
 """
@@ -39,7 +41,8 @@ from model import save_checkpoint
 
 DEFAULTS = dict(
     init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="grpo", mix="math:2,code:1,tool:1",
-    n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_work=True,
+    n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_steps=True,
+    step_credit=0.5,
     steps=30, prompts_per_step=32, group_size=8, temperature=0.7, top_k=0, top_p=1.0,
     iterations=1, minibatches=1, micro_batch=64, lr=3e-5, warmup=2, weight_decay=0.0, grad_clip=1.0,
     curriculum=True, curriculum_alpha=0.3, curriculum_floor=0.02, ds_max_tries=3, overlong_buffer=0.125,
@@ -183,11 +186,25 @@ def answer_format(text):
 _EQUATION = re.compile(r"([\d+\-*/() ]+)=\s*(-?\d+)")
 
 
-def work_holds(text):
-    """Every line of the working that is pure arithmetic ('8+7+1=16', '58-27=31') is true. A right
-    answer reached through a false step is a lucky guess: rewarding it teaches the false step."""
-    steps = [m for m in map(_EQUATION.fullmatch, map(str.strip, text.splitlines())) if m]
-    return all(verifiers.run_calculator(m.group(1)) == str(int(m.group(2))) for m in steps)
+def equations(text):
+    """The working's pure-arithmetic lines ('8+7+1=16', '58-27=31'), stripped, and how many hold
+    (checked with the safe calculator)."""
+    lines = [l.strip() for l in text.splitlines() if _EQUATION.fullmatch(l.strip())]
+    holds = sum(verifiers.run_calculator(l.split("=")[0]) == str(int(l.split("=")[1])) for l in lines)
+    return lines, holds
+
+
+def step_match(lines, reference):
+    """Reference steps the response wrote, over max(#reference, #written): precision and recall at
+    once, so neither skipping steps nor padding with guesses or true-but-irrelevant equations
+    ('7-0=7') pays. Example: ref [a, b, c], written [a, x, c, y] -> 2/4."""
+    ref = [l.strip() for l in reference.splitlines() if _EQUATION.fullmatch(l.strip())]
+    left, hit = list(ref), 0
+    for l in lines:
+        if l in left:
+            left.remove(l)
+            hit += 1
+    return hit / max(len(ref), len(lines), 1)
 
 
 def code_shape(code, entry_point):
@@ -201,17 +218,22 @@ def code_shape(code, entry_point):
     return True, any(isinstance(n, ast.FunctionDef) and n.name == entry_point for n in tree.body)
 
 
-def judge(task_list, texts, cache, math_tools=False, check_work=True):
-    """Verifier verdicts and format flags, (B,) float tensors each.
+def judge(task_list, texts, cache, math_tools=False, check_steps=True, step_credit=0.0):
+    """Verifier verdicts: correct, credit (the reward before the format gate), format; (B,) each.
 
     correct: math verify_math; tool verify_tool (>= 1 well-formed calc call and the right answer);
     code passes its tests in the sandbox (run_code_batch, parallel; identical programs run once:
     `cache` maps (code, test, entry_point) -> passed; a program that does not parse is not run).
-    format: math/tool answer_format; math also: no calc call unless math_tools (working, not the
-    calculator) and, with check_work, every arithmetic line of the working true; code defines
-    the asked function.
+    format: math/tool answer_format (math: no calc call unless math_tools: working, not the
+    calculator); code defines the asked function.
+    check_steps: math is correct only if every step of the working is true as well: a right answer
+    reached through a false step is a lucky guess, and rewarding it teaches the false step.
+    step_credit: a math response that is not correct earns step_credit x step_match against the
+    task's reference working (built-in tasks; none for --data): a dense signal on the column
+    facts answers are built from, < 1 so only a right answer pays in full. Counting merely true
+    equations instead was gamed within 20 steps ('9+0=9', '7-0=7' padding). Else credit = correct.
     """
-    correct, fmt, todo = [0.0] * len(texts), [0.0] * len(texts), {}
+    correct, credit, fmt, todo = [0.0] * len(texts), [0.0] * len(texts), [0.0] * len(texts), {}
     for i, (t, x) in enumerate(zip(task_list, texts)):
         c = clean(x)
         if t.family == "code":
@@ -226,8 +248,11 @@ def judge(task_list, texts, cache, math_tools=False, check_work=True):
         elif t.family == "tool":
             fmt[i], correct[i] = float(answer_format(c)), verifiers.verify_tool(x, t.answer)
         else:
-            fmt[i] = float(answer_format(c) and (math_tools or "calc(" not in c) and (not check_work or work_holds(c)))
-            correct[i] = verifiers.verify_math(c, t.answer)
+            fmt[i] = float(answer_format(c) and (math_tools or "calc(" not in c))
+            lines, holds = equations(c)
+            correct[i] = verifiers.verify_math(c, t.answer) * (not check_steps or holds == len(lines))
+            if step_credit and t.reference:
+                credit[i] = step_credit * step_match(lines, t.reference[0]["content"])
     keys = list(todo)
     for k, r in zip(keys, verifiers.run_code_batch([dict(code=k[0], test=k[1], entry_point=k[2]) for k in keys])):
         cache[k] = float(r["passed"])
@@ -235,7 +260,8 @@ def judge(task_list, texts, cache, math_tools=False, check_work=True):
             correct[i] = cache[k]
     if len(cache) > 200_000:
         cache.clear()  # bounded memory on long runs
-    return torch.tensor(correct), torch.tensor(fmt)
+    correct = torch.tensor(correct)
+    return correct, torch.maximum(correct, torch.tensor(credit)), torch.tensor(fmt)
 
 
 def overlong_penalty(length, cap, buffer):
@@ -247,7 +273,7 @@ def overlong_penalty(length, cap, buffer):
 
 
 def score(task_list, batch, cfg, cache):
-    """Rewards (B,) and per-row facts. reward = correct x format (the format GATE: a response in a
+    """Rewards (B,) and per-row facts. reward = credit x format (the format GATE: a response in a
     broken format earns 0 whatever its answer). Truncation (no stop token within the family's
     budget CAPS) is handled by --overlong:
       filter  the row's reward is 0 and its loss is masked out (DAPO §3.4, overlong filtering)
@@ -256,13 +282,13 @@ def score(task_list, batch, cfg, cache):
     With shape, finished responses inside the last overlong_buffer fraction of the budget pay
     the soft penalty as well. Filtering edits batch["resp_mask"] in place."""
     dev = batch["ids"].device
-    correct, fmt = judge(task_list, batch["texts"], cache, cfg["math_tools"], cfg["check_work"])
-    correct, fmt = correct.to(dev), fmt.to(dev)
+    correct, credit, fmt = (x.to(dev) for x in judge(task_list, batch["texts"], cache, cfg["math_tools"],
+                                                     cfg["check_steps"], cfg["step_credit"]))
     cap = torch.tensor([float(CAPS[t.family]) for t in task_list], device=dev)
     length = batch["attn_mask"][:, batch["prompt_len"]:].sum(1).float()  # tool tokens count: they use the budget
     truncated = ~batch["finished"] | (length > cap)
     success = correct * fmt * (~truncated)
-    reward = success.clone()
+    reward = credit * fmt * (~truncated)
     if cfg["overlong"] == "shape":
         reward = reward + overlong_penalty(length, cap, (cap * cfg["overlong_buffer"]).clamp(min=1))
     elif cfg["overlong"] == "filter":
@@ -281,7 +307,7 @@ def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
     joins the update. Returns (batch, rewards, facts, fraction of groups dropped)."""
     G, want = cfg["group_size"], cfg["prompts_per_step"]
     gen = torch.Generator().manual_seed((cfg["seed"] * 1_000_003 + step) * 1009 + rank)  # each rank its own prompts
-    parts, kept, seen = [], 0, 0
+    parts, kept, seen, seen_b, seen_s = [], 0, 0, [], []
     for attempt in range(cfg["ds_max_tries"] if cfg["dynamic_sampling"] else 1):
         idx = draw_prompts(pool, bucket, p, want - kept, cfg, gen)
         task_list = [pool[i] for i in idx for _ in range(G)]
@@ -289,23 +315,24 @@ def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
         batch = grpo.rollout(model, tok, [pool[i].prompt for i in idx], G, cap, cfg["temperature"],
                              cfg["top_k"], cfg["top_p"], tools=True)
         reward, facts = score(task_list, batch, cfg, cache)
-        if cfg["curriculum"]:
-            update_curriculum(p, bucket[torch.tensor(idx)].repeat_interleave(G), facts["success"], cfg["curriculum_alpha"])
+        seen_b.append(bucket[torch.tensor(idx)].repeat_interleave(G)), seen_s.append(facts["success"].cpu())
         seen += len(idx)
         rows = torch.arange(len(reward), device=reward.device)
         if cfg["dynamic_sampling"]:
             r = reward.view(-1, G)
             rows = (r != r[:, :1]).any(1).repeat_interleave(G).nonzero().flatten()
-            if len(rows) == 0 and attempt == cfg["ds_max_tries"] - 1 and not parts:
-                rows = torch.arange(len(reward), device=reward.device)
+        kept += len(rows) // G
+        if len(rows) == 0 and not parts and attempt == cfg["ds_max_tries"] - 1:
+            rows = torch.arange(len(reward), device=reward.device)  # nothing varied: keep (all-zero advantages)
         if len(rows):
             parts.append((grpo.select_rows(batch, rows), reward[rows], {k: v[rows] for k, v in facts.items()}))
-        kept += len(rows) // G
         if kept >= want:
             break
+    if cfg["curriculum"]:  # once per step, after all attempts: ranks may make different numbers of them
+        update_curriculum(p, torch.cat(seen_b), torch.cat(seen_s), cfg["curriculum_alpha"])
     batch = grpo.concat_rollouts([b for b, _, _ in parts], tok.pad_id) if len(parts) > 1 else parts[0][0]
     facts = {k: torch.cat([f[k] for _, _, f in parts]) for k in parts[0][2]}
-    return batch, torch.cat([r for _, r, _ in parts]), facts, 1 - min(kept, seen) / seen
+    return batch, torch.cat([r for _, r, _ in parts]), facts, 1 - kept / seen
 
 
 def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
@@ -402,7 +429,8 @@ def passk_eval(model, tok, families=("math", "code", "tool"), n_problems=20, n_s
     task_list = [t for f in families for t in tasks.make_tasks(f, "test", n_problems, seed=1234)]
     gen = torch.Generator(device=device).manual_seed(seed)
     texts, _ = evaluate.respond(model, tok, task_list, temperature, n_samples, generator=gen)
-    correct, _ = judge([t for t in task_list for _ in range(n_samples)], texts, {} if cache is None else cache, True)
+    correct, _, _ = judge([t for t in task_list for _ in range(n_samples)], texts, {} if cache is None else cache,
+                          math_tools=True, check_steps=False)
     counts = correct.view(len(task_list), n_samples).sum(1).long().tolist()
     out = {}
     for i, f in enumerate(families):

@@ -92,8 +92,8 @@ def test_rollout_marks_inserted_tool_tokens_unsampled(tool_rollout, tok):
     assert torch.equal(batch["resp_mask"][:, P - 1:P - 1 + n], sampled.expand(2, n))
     assert batch["resp_mask"][:, :P - 1].sum() == 0 and batch["resp_mask"][:, P - 1 + n:].sum() == 0
     task = tasks.Task("tool", "What is 12*34?", "408", [])
-    correct, fmt = rlvr.judge([task, task], batch["texts"], {})
-    assert correct.tolist() == [1.0, 1.0] and fmt.tolist() == [1.0, 1.0]
+    correct, credit, fmt = rlvr.judge([task, task], batch["texts"], {})
+    assert correct.tolist() == credit.tolist() == fmt.tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("algo", [a for a in rlvr.ALGOS if a != "ppo"])
@@ -176,7 +176,8 @@ def test_advantages_unchanged_by_masked_tool_tokens(algo):
 
 # ----------------------------------------------------------------------------- rewards: the format gate, truncation
 
-MATH = tasks.Task("math", "What is 37+48?", "85", [])
+MATH = tasks.Task("math", "What is 37+48?", "85",
+                  [{"role": "assistant", "content": "7+8+0=15\n3+4+1=8\n37+48=85\nAnswer: 85"}])
 TOOL = tasks.Task("tool", "What is 347*829?", "287663", [])
 CALL = "calc(347*829)<|call|><|tool|>287663<|end|><|assistant|>"
 
@@ -188,7 +189,14 @@ CALL = "calc(347*829)<|call|><|tool|>287663<|end|><|assistant|>"
     (MATH, "Answer: 85\nAnswer: 85", 1, 0),  # two answers
     (MATH, "The answer is 85", 1, 0),
     (MATH, "calc(37+48)<|call|><|tool|>85<|end|><|assistant|>Answer: 85", 1, 0),  # math is done in the head
-    (MATH, "37+48=84\nAnswer: 84", 0, 0),
+    (MATH, "Answer: 84", 0, 0),
+    # step credit 0.5 x (reference steps written / max(#reference, #written)): a wrong answer after
+    # 2 of the 3 reference steps earns 1/3; a right answer after a false step is a lucky guess,
+    # not correct: 0.5 x 2/3 too
+    (MATH, "7+8+0=15\n3+4+1=8\n37+48=84\nAnswer: 84", 0, 1 / 3),
+    (MATH, "7+8+0=15\n3+4+1=7\n37+48=85\nAnswer: 85", 0, 1 / 3),
+    (MATH, "7+8+0=15\n3+4+1=7\n37+48=85\nAnswer: 85\nI hope this helps!", 0, 0),  # the gate holds
+    (MATH, "7-0=7\n8+0=8\n9+0=9\nAnswer: 3", 0, 0),  # true but irrelevant equations earn nothing
     (TOOL, CALL + "Answer: 287663", 1, 1),
     (TOOL, CALL + "The answer is 287663", 1, 0),
     (TOOL, CALL + "Answer: 287663\nI hope this helps!", 1, 0),
@@ -196,9 +204,17 @@ CALL = "calc(347*829)<|call|><|tool|>287663<|end|><|assistant|>"
     (TOOL, CALL + "Answer: 287664", 0, 0),
 ])
 def test_format_gate(task, text, correct, reward):
-    r, facts = rlvr.score([task], fake_batch([text], [10], [True]), config(), {})
+    r, facts = rlvr.score([task], fake_batch([text], [10], [True]), config("--step-credit", "0.5"), {})
     assert facts["correct"].item() == correct
-    assert r.item() == reward
+    assert r.item() == pytest.approx(reward)
+
+
+def test_step_match_is_precision_and_recall():
+    ref = "1+2+0=3\n4+5+0=9\n41+52=93\nAnswer: 93"
+    assert rlvr.step_match(["1+2+0=3", "41+52=93"], ref) == pytest.approx(2 / 3)  # a skipped step
+    assert rlvr.step_match(["1+2+0=3", "4+5+0=9", "4+5+0=8", "41+52=93"], ref) == pytest.approx(3 / 4)  # a guess
+    assert rlvr.step_match(["1+2+0=3"] * 3, ref) == pytest.approx(1 / 3)  # repeats count once
+    assert rlvr.equations("x\n1+2+0=3\n 4+5+0=8 \nAnswer: 9") == (["1+2+0=3", "4+5+0=8"], 1)
 
 
 def test_format_gate_code_and_the_sandbox_cache():
@@ -225,7 +241,7 @@ def test_truncation_rules(rule, expect):
     stopped, row 2 stopped but past the code budget (48)."""
     code = tasks.make_tasks("code", "test", 1, seed=3)[0]
     batch = fake_batch(["37+48=85\nAnswer: 85"] * 2 + [code.reference[0]["content"]], [90, 96, 60], [True, False, True])
-    r, facts = rlvr.score([MATH, MATH, code], batch, config("--overlong", rule), {})
+    r, facts = rlvr.score([MATH, MATH, code], batch, config("--overlong", rule, "--step-credit", "0"), {})
     assert r.tolist() == pytest.approx(expect)
     assert facts["truncated"].tolist() == [0.0, 1.0, 1.0]
     rows_trained = (batch["resp_mask"].sum(1) > 0).tolist()
@@ -342,10 +358,11 @@ def test_every_algo_smoke(tiny_sft, tmp_path):
             assert "math_acc" in r.stdout and "->" in r.stdout
 
 
-def test_bad_input_fails_cleanly(tiny_sft, tmp_path):
+def test_bad_input_fails_cleanly(tiny_sft, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "What is 2+3?", "answer": 5}\n{"prompt": "no answer"}\n')
-    r = run("--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", tmp_path / "x.pt", "--data", bad)
-    assert r.returncode == 2 and f"{bad}:2" in r.stderr
-    r = run("--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", tmp_path / "x.pt", "--algo", "nope")
-    assert r.returncode == 2 and "--algo" in r.stderr
+    for args, needle in ((["--data", str(bad)], f"{bad}:2"), (["--algo", "nope"], "--algo"),
+                         (["--mix", "math:1,poetry:2"], "--mix")):
+        with pytest.raises(SystemExit) as e:
+            rlvr.main(["--preset", "tiny", "--init", str(tiny_sft / "sft.pt"), "--out", str(tmp_path / "x.pt"), *args])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
