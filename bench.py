@@ -151,7 +151,9 @@ def bench_training(device, quick, peak):
 
 
 def bench_rl(device, quick):
-    """Seconds per phase of one GRPO step and one PPO step at the default preset."""
+    """Seconds per phase of one GRPO step and one PPO step at the default preset (tiny when quick):
+    each script's step_breakdown runs its own training step on out/dpo.pt + out/rm.pt, or on random
+    models when those are missing (always when quick)."""
     try:
         import grpo
         import ppo
@@ -205,13 +207,13 @@ def print_table(r):
     t = r["training"]
     print(f"| training, batch {t['batch']} x {t['seq']} | {t['tok_s']:.0f} tok/s, {t['model_gflops']:.1f} GFLOP/s, "
           f"MFU {t['mfu']:.0%} of the measured matmul peak |")
-    for name, phases in r["rl_step"].items():
-        if isinstance(phases, dict):
-            total = sum(v for v in phases.values() if isinstance(v, (int, float)))
-            parts = ", ".join(f"{k} {v:.2f}s" for k, v in phases.items() if isinstance(v, (int, float)))
-            print(f"| {name} step ({total:.1f}s) | {parts} |")
+    for name, p in r["rl_step"].items():
+        if isinstance(p, dict):
+            parts = ", ".join(f"{k} {v:.2f}s ({v / p['total']:.0%})" for k, v in p.items()
+                              if k not in ("total", "rollout_frac", "model"))
+            print(f"| {name} step, {p['model']} ({p['total']:.2f}s, rollout {p['rollout_frac']:.0%}) | {parts} |")
         else:
-            print(f"| {name} | {phases} |")
+            print(f"| {name} | {p} |")
     if r["pipeline_wall_s"]:
         print("| pipeline (last run) | " + ", ".join(f"{k} {v:.0f}s" for k, v in r["pipeline_wall_s"].items()) + " |")
 

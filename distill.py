@@ -25,7 +25,7 @@ the ends are defined as the KLs, JSD_0 := KL(p_t||p_s) and JSD_1 := KL(p_s||p_t)
 limits of JSD_b / b and JSD_b / (1-b).
 
     python distill.py [--init out/rlvr.pt] [--out out/student.pt] [--mode logit|seq|onpolicy|sft]
-                      [--student-layers 2 --student-width 64 | --student-init CKPT] [--preset tiny|cpu|gpu]
+                      [--student-layers 3 --student-width 64 | --student-init CKPT] [--preset tiny|cpu|gpu]
 """
 import math
 import os
@@ -47,7 +47,7 @@ from sft import encode_all, make_batch, val_conversations
 DEFAULTS = dict(
     init="out/rlvr.pt", out="out/student.pt", data=None, n_train=20000, n_val=200,
     mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.0,
-    student_layers=2, student_width=64, student_heads=0, student_init="teacher",
+    student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
     batch_size=64, micro_batches=4, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
     eval_tasks=200, threads=1, seed=0, device="auto", dtype="bf16",

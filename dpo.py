@@ -35,7 +35,8 @@ from reward import load_pairs, render_response, sample_preference_pairs, write_p
 
 LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "kto", "simpo", "orpo")
 DEFAULTS = dict(
-    init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, temperature=1.0,
+    init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, samples=2, pairing="best_worst",
+    temperature=1.0,
     label_noise=0.0, beta=0.3, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0,
     rpo_alpha=1.0, batch_size=32, epochs=2, lr=1e-5, warmup=10, weight_decay=0.0, grad_clip=1.0,
     eval_tasks=50, seed=0, device="auto", dtype="bf16",
@@ -254,7 +255,7 @@ def load_data(cfg, model, tok, rank):
             pairs = load_pairs(cfg["data"])
     else:
         pairs = sample_preference_pairs(model, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"],
-                                        cfg["label_noise"])
+                                        cfg["label_noise"], k=cfg["samples"], pairing=cfg["pairing"])
         if rank == 0:
             write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_dpo.jsonl"), pairs)
     if cfg["loss"] == "kto" and unpaired is None:
@@ -336,6 +337,7 @@ def main(argv=None):
     # the init model's greedy answers to the test tasks, for the final win rate (before any step)
     test = tasks.eval_tasks("test", cfg["eval_tasks"]) if cfg["eval_tasks"] else []
     init_texts, init_lens = evaluate.respond(model.eval(), tok, test) if test else ([], [])
+    init_sampled = evaluate.sample_texts(model, tok, test) if test else []
 
     # reference log-probs, once: the policy IS the reference before its first step
     ref_c = ref_r = None
@@ -408,6 +410,8 @@ def main(argv=None):
     if rank == 0 and test:
         texts, lens = evaluate.respond(model.eval(), tok, test)
         metrics["gold_winrate_vs_sft"] = evaluate.gold_winrate(test, texts, init_texts)
+        metrics["gold_winrate_vs_sft_t1"] = evaluate.gold_winrate(test, evaluate.sample_texts(model, tok, test),
+                                                                  init_sampled)
         metrics.update(evaluate.score_responses(test, texts, lens))
         metrics.update({f"init_{k}": v for k, v in evaluate.score_responses(test, init_texts, init_lens).items()})
     metrics["params"] = model.num_params()

@@ -4,7 +4,8 @@
     python evaluate.py --out-dir out                    # every stage checkpoint found in out/
 
 Metrics (fractions in [0, 1]): format, math_acc, code_pass1, tool_acc, refusal_unsafe,
-overrefusal_safe, mean_len, params; more join as the stages that need them land.
+overrefusal_safe, mean_len, params; gold win rate against SFT (greedy, and on samples at
+temperature 1), RM score, KL to SFT, and pass@k before and after RLVR.
 """
 import argparse
 import json
@@ -89,6 +90,13 @@ def gold_winrate(task_list, texts, baseline_texts):
     return mean(wins)
 
 
+def sample_texts(model, tok, task_list, seed=0):
+    """One response per task sampled at temperature 1: the policy's distribution, which is what
+    preference optimisation and RL change (greedy decoding shows only its mode)."""
+    device = next(model.parameters()).device
+    return respond(model, tok, task_list, temperature=1.0, generator=torch.Generator(device=device).manual_seed(seed))[0]
+
+
 # ----------------------------------------------------------------------------- statistics
 
 def wilson(k, n, z=1.96):
@@ -139,6 +147,8 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
     row["ci"] = {k: wilson(sum(v), len(v)) for k, v in outs.items() if k not in ("gold_score",)}
     if sft is not None:
         row["gold_winrate_vs_sft"] = gold_winrate(task_list, texts, sft["texts"])
+        if "sampled" in sft:
+            row["gold_winrate_vs_sft_t1"] = gold_winrate(task_list, sample_texts(model, tok, task_list), sft["sampled"])
         if model.config.vocab_size == sft["model"].config.vocab_size:
             g = torch.Generator(device=device).manual_seed(0)
             row["kl_to_sft"] = kl_to_reference(model, sft["model"], tok, task_list, g)
@@ -153,7 +163,7 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
 # ----------------------------------------------------------------------------- report
 
 COLUMNS = ("format", "math_acc", "code_pass1", "tool_acc", "refusal_unsafe", "overrefusal_safe",
-           "gold_winrate_vs_sft", "rm_score", "kl_to_sft", "mean_len", "params")
+           "gold_winrate_vs_sft", "gold_winrate_vs_sft_t1", "rm_score", "kl_to_sft", "mean_len", "params")
 
 
 def format_table(rows):
@@ -185,8 +195,9 @@ def write_report(out_dir, rows, wall_s, n_per_family):
     table = format_table(rows)
     total = sum(wall_s.values()) if wall_s else 0.0
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family, greedy decoding; "
-                f"95% Wilson intervals in brackets.\n\n{table}\n\n")
+        f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family, greedy decoding "
+                f"(gold_winrate_vs_sft_t1: one sample per task at temperature 1 from each model, ties "
+                f"half); 95% Wilson intervals in brackets.\n\n{table}\n\n")
         passk = {n: {k: v for k, v in r.items() if "pass@" in k} for n, r in rows.items()}
         for name, vals in passk.items():
             if vals:
@@ -279,6 +290,7 @@ def main(argv=None):
         if os.path.exists(sft_path):
             sft = load_checkpoint(sft_path, args.device)
             sft["texts"], _ = respond(sft["model"], sft["tokenizer"], task_list)
+            sft["sampled"] = sample_texts(sft["model"], sft["tokenizer"], task_list)
         rm_path = os.path.join(args.out_dir, "rm.pt")
         rm = None
         if os.path.exists(rm_path):

@@ -4,7 +4,7 @@ that beat their group.
     python grpo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/grpo.pt] [--preset tiny|cpu|gpu]
                    [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline]
                    [--loss-agg token-mean|seq-mean-token-mean|seq-mean-token-sum-norm]
-                   [--kl k1|k2|k3|off] [--reward rm|gold] [--data prompts.jsonl]
+                   [--kl k1|k2|k3|off] [--reward rm|gold] [--data prompts.jsonl] [--rollout-chunk N]
 
 The algorithm (GRPO: Shao et al. 2024, "DeepSeekMath", Algorithm 1), as main() runs it:
     for each step:
@@ -17,11 +17,16 @@ a constant length; DAPO (Yu et al. 2025) clips higher (ε_high > ε_low), resamp
 rewards are all equal (dynamic sampling) and averages over tokens; RLOO (Ahmadian et al. 2024)
 uses the leave-one-out mean; REINFORCE++ (Hu 2025) whitens returns over the whole batch.
 
+Under torchrun each rank samples its share of one prompt list (sample_groups): with --rollout-chunk c
+(c dividing prompts_per_step / world; the tiny preset uses 1) the ranks train exactly as one
+process would, up to float rounding (tests/test_ddp.py).
+
 rollout / policy_logprobs / group_advantages / update are reused by rlvr.py; ppo.py reuses the
 kernels, update (for its policy) and the prompt / reward / evaluation helpers below them.
 """
 import contextlib
 import os
+import tempfile
 import time
 
 import torch
@@ -39,14 +44,14 @@ DEFAULTS = dict(
     steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
     advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=64,
     eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.2,
-    dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0,
+    dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0, rollout_chunk=0,
     lr=2e-5, warmup=3, weight_decay=0.0, grad_clip=1.0,
     gold_every=5, eval_tasks=50,
     seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_prompts=16, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=16, micro_batch=4,
-              gold_every=1, eval_tasks=1),
+              gold_every=1, eval_tasks=1, rollout_chunk=1),
     cpu=dict(),
     gpu=dict(n_prompts=20000, steps=500, prompts_per_step=64, group_size=16, micro_batch=128, lr=1e-5,
              iterations=2, minibatches=4, eval_tasks=100),
@@ -58,8 +63,10 @@ LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
-def rollout(model, tok, prompts, group_size, max_new_tokens, temperature, top_k=0, top_p=1.0, tools=True):
-    """Sample group_size responses per prompt with the KV-cache sampler (data.generate_responses).
+def rollout(model, tok, prompts, group_size, max_new_tokens, temperature, top_k=0, top_p=1.0, tools=True,
+            generator=None):
+    """Sample group_size responses per prompt with the KV-cache sampler (data.generate_responses),
+    drawing from `generator` (a torch.Generator on the model's device; None: the global stream).
 
     Rows are prompt-major (row i*G+g is sample g of prompt i). Returns dict:
       ids (B,T)        left-padded prompt then response (right-padded), T = P + N
@@ -71,7 +78,7 @@ def rollout(model, tok, prompts, group_size, max_new_tokens, temperature, top_k=
     model = getattr(model, "module", model)
     device = next(model.parameters()).device
     rep = [p for p in prompts for _ in range(group_size)]
-    out = generate_responses(model, tok, rep, max_new_tokens, temperature, top_k, top_p, tools)
+    out = generate_responses(model, tok, rep, max_new_tokens, temperature, top_k, top_p, tools, generator=generator)
     pids, pmask = pad_prompts(tok, out["prompt_ids"])
     tokens, sampled = out["tokens"].to(device), out["sampled"].to(device)
     P, N = pids.shape[1], tokens.shape[1]
@@ -109,10 +116,10 @@ def concat_rollouts(parts, pad_id):
         resp.append(F.pad(b["resp_mask"], (left, right), value=0.0))
         group.append(b["group"] - b["group"].min() + offset)
         offset = int(group[-1].max()) + 1 if len(b["group"]) else offset
-    return dict(ids=torch.cat(ids), attn_mask=torch.cat(attn), resp_mask=torch.cat(resp),
-                finished=torch.cat([b["finished"] for b in parts]), group=torch.cat(group),
+    rows = {k: torch.cat([b[k] for b in parts]) for k in ("finished", "uid", "live") if k in parts[0]}
+    return dict(ids=torch.cat(ids), attn_mask=torch.cat(attn), resp_mask=torch.cat(resp), group=torch.cat(group),
                 texts=[t for b in parts for t in b["texts"]], prompts=[p for b in parts for p in b["prompts"]],
-                prompt_len=P)
+                prompt_len=P, **rows)
 
 
 def policy_logprobs(model, batch, temperature, entropy=False):
@@ -272,11 +279,43 @@ def aggregate(loss_tok, mask, mode="token-mean", norm=None, max_len=None):
     raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG}")
 
 
-def global_norm(mask, mode):
-    """The count `aggregate` divides by, summed over ranks, divided by world (DDP averages grads)."""
+def global_norm(mask, mode, live=None):
+    """The count `aggregate` divides by, summed over ranks, divided by world (DDP averages grads).
+    live (B,) marks the rows that count as sequences (default all; 0 on a DDP placeholder row)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    local = mask.sum() if mode == "token-mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
+    if mode == "token-mean":
+        local = mask.sum()
+    else:
+        local = torch.tensor(float(mask.shape[0]), device=mask.device) if live is None else live.sum()
     return all_reduce_sum(local.float().reshape(1)).clamp(min=1)[0] / world
+
+
+def all_gather_cat(x):
+    """A 1-D tensor concatenated over ranks in rank order (lengths may differ); x when not distributed."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    padded = F.pad(x, (0, int(max(sizes)) - len(x)))  # all_gather wants equal shapes
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(k)] for o, k in zip(out, sizes)])
+
+
+def minibatch_rows(batch, n_mb):
+    """This rank's rows of each of n_mb minibatches. The split is drawn over the global batch: a
+    random order of every rank's row ids (batch["uid"]: unique over ranks and the same whatever the
+    world size), cut in n_mb, so N DDP ranks together train on exactly the minibatches one process
+    would. All ranks draw the same permutation (same seed, same calls). With one process and no
+    uid this is randperm(B).chunk(n_mb). Placeholder rows (batch["live"] False) are in none, and
+    a rank can hold no row of a minibatch: an empty index."""
+    B, device = batch["ids"].shape[0], batch["ids"].device
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    uid = batch.get("uid", torch.arange(B, device=device) * world + rank)
+    everyone = all_gather_cat(uid if "live" not in batch else uid[batch["live"]]).sort().values
+    order = everyone[torch.randperm(len(everyone), device=device)]
+    return [(piece[:, None] == uid[None]).nonzero()[:, 1] for piece in order.chunk(n_mb)]
 
 
 # ----------------------------------------------------------------------------- the update
@@ -289,6 +328,8 @@ def update(model, ref_model, opt, batch, adv_tok, cfg, old_logp=None, ref_logp=N
     kl "off" | k1 | k2 | k3, beta 0, loss_agg token-mean, temperature 1, grad_clip 1, max_new_tokens
     (Dr. GRPO's constant length), dtype. old_logp defaults to the log-probs of the policy before this
     update (with μ = 1 and one minibatch that is the current forward, detached: ρ = 1, as TRL).
+    batch may carry uid (row ids: minibatches cut from the global batch, see minibatch_rows) and
+    live (False: a DDP placeholder row, in no loss or count).
     Returns logged metrics; first_mb_* are the very first micro-batch's (ρ must be 1 there);
     with ref_logp, kl_seq = mean over responses of Σ_t (log π_old - log π_ref), in nats.
     """
@@ -302,13 +343,16 @@ def update(model, ref_model, opt, batch, adv_tok, cfg, old_logp=None, ref_logp=N
         ref_logp = batched_logprobs(ref_model, batch, T, micro, dtype)
     sums = {k: torch.zeros((), device=device)
             for k in ("loss", "clip", "approx_kl", "kl_ref", "kl_seq", "entropy", "n", "n_ent", "gn")}
-    first, n_steps = None, 0
+    first, n_steps, live = None, 0, batch.get("live")
     for it in range(mu):
-        for rows in torch.randperm(B, device=device).chunk(n_mb):
-            norm = global_norm(mask[rows], mode)
-            chunks = rows.split(micro)
-            for j, mrows in enumerate(chunks):
-                m = mask[mrows]
+        for rows in minibatch_rows(batch, n_mb):
+            keep = torch.ones(len(rows), device=device) if live is None else live[rows].float()
+            if len(rows) == 0:  # DDP: no row of this minibatch is here; a masked-out row still joins the all-reduce
+                rows, keep = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device)
+            norm = global_norm(mask[rows] * keep[:, None], mode, keep)
+            chunks, keeps = rows.split(micro), keep.split(micro)
+            for j, (mrows, mkeep) in enumerate(zip(chunks, keeps)):
+                m = mask[mrows] * mkeep[:, None]
                 # DDP: all-reduce the gradients once per minibatch, after its last micro-batch
                 last = j == len(chunks) - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if last else model.no_sync():
@@ -370,7 +414,8 @@ def load_prompts(cfg):
 
 
 def draw_prompts(prompts, n, seed, step, rank, attempt=0):
-    """n prompts for this rank and step: each rank draws its own (group statistics stay local)."""
+    """n prompts for a step from rank's own stream (ppo.py: each rank draws its own). GRPO draws one
+    list that every rank shares (rank 0's stream) and deals it out in chunks (rank_chunks)."""
     g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + attempt) * 1009 + rank)
     return [prompts[i] for i in torch.randint(len(prompts), (n,), generator=g).tolist()]
 
@@ -462,29 +507,123 @@ def print_before_after(stage, m, wall):
 
 # ----------------------------------------------------------------------------- main: the GRPO loop
 
-def sample_groups(model, tok, prompts, reward_fn, cfg, step, rank):
-    """Rollout + reward. With dynamic sampling (DAPO §3.2) groups whose rewards are all equal
-    carry no gradient: drop them and sample fresh prompts until the batch is full or
-    ds_max_tries rollouts were made. Returns (batch, rewards, fraction of groups dropped)."""
-    G, n_want, parts, rewards, seen, kept = cfg["group_size"], cfg["prompts_per_step"], [], [], 0, 0
+def untimed(name):
+    """The phase timer main runs with: it times nothing (no extra host syncs)."""
+    return contextlib.nullcontext()
+
+
+def phase_timer(device):
+    """(timer, seconds): `with timer("rollout"):` adds the block's wall time to seconds["rollout"].
+    CUDA is synchronised at both ends, so each phase is charged its own kernels (for bench.py)."""
+    seconds, sync = {}, torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def timer(name):
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    return timer, seconds
+
+
+def rank_chunks(n, chunk, rank, world):
+    """This rank's (start, stop) slices of a step's n prompts: chunks of `chunk` prompts dealt out
+    round-robin (chunk 0: one chunk of n / world prompts per rank)."""
+    c = chunk or -(-n // world)
+    return [(lo, min(lo + c, n)) for lo in range(0, n, c)][rank::world]
+
+
+def sample_chunk(model, tok, prompts, reward_fn, cfg, seed, timer=untimed):
+    """Sample and score one chunk of prompts on its own, from its own generator: its responses and
+    rewards are a function of (weights, prompts, seed) only, bitwise, whichever rank samples it.
+    (Sampled together with other prompts, rows would share one random stream and their padding.)"""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with timer("rollout"):
+        batch = rollout(model, tok, prompts, cfg["group_size"], cfg["max_new_tokens"], cfg["temperature"],
+                        cfg["top_k"], cfg["top_p"], generator=gen)
+    with timer("reward"):
+        rewards = score(reward_fn, batch, cfg["missing_eos_penalty"])
+    return batch, rewards
+
+
+def sample_groups(model, tok, prompts, reward_fn, cfg, step, rank=0, world=1, timer=untimed):
+    """Rollout + reward of this rank's share of the step's groups.
+
+    DDP equivalence: every rank draws the same prompt list and takes its chunks of it (rank_chunks);
+    each chunk is sampled from a generator seeded by its position (sample_chunk), and its rows are
+    named by that position (uid, for update's minibatches). So the ranks' groups together are
+    exactly one process's groups whenever the chunk boundaries do not move with the world size:
+    --rollout-chunk c with c dividing prompts_per_step / world (0, one chunk per rank, is fastest
+    but ties the samples to the world size).
+    With dynamic sampling (DAPO §3.2) groups whose rewards are all equal carry no gradient: drop
+    them and draw fresh prompts until the batch is full over all ranks (the kept count is
+    all-reduced) or ds_max_tries rollouts were made. Returns (batch, rewards, fraction of groups dropped).
+    """
+    G, n_want, device = cfg["group_size"], cfg["prompts_per_step"], next(model.parameters()).device
+    parts, first, kept, seen = [], None, 0, 0
     for attempt in range(cfg["ds_max_tries"] if cfg["dynamic_sampling"] else 1):
-        batch_prompts = draw_prompts(prompts, n_want - kept, cfg["seed"], step, rank, attempt)
-        full = rollout(model, tok, batch_prompts, G, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
-        full_r = score(reward_fn, full, cfg["missing_eos_penalty"])
-        batch, r = full, full_r
-        seen += len(batch_prompts)
-        if cfg["dynamic_sampling"]:
-            varied = (r.view(-1, G) != r.view(-1, G)[:, :1]).any(1).repeat_interleave(G)
-            batch, r = select_rows(batch, varied.nonzero().flatten()), r[varied]
-        if len(r):
-            parts.append(batch), rewards.append(r)
-        kept += len(r) // G
+        step_prompts = draw_prompts(prompts, n_want - kept, cfg["seed"], step, 0, attempt)  # the same on every rank
+        last, new = [], 0
+        for lo, hi in rank_chunks(len(step_prompts), cfg["rollout_chunk"], rank, world):
+            seed = (((cfg["seed"] * 1_000_003 + step) * 101 + attempt) * 100_003 + lo) * 7 + 3
+            batch, r = sample_chunk(model, tok, step_prompts[lo:hi], reward_fn, cfg, seed, timer)
+            batch["uid"] = torch.arange(lo * G, hi * G, device=device) + attempt * n_want * G  # unique in the step
+            last.append((batch, r))
+            if cfg["dynamic_sampling"]:
+                varied = (r.view(-1, G) != r.view(-1, G)[:, :1]).any(1).repeat_interleave(G)
+                batch, r = select_rows(batch, varied.nonzero().flatten()), r[varied]
+            if len(r):
+                parts.append((batch, r))
+            new += len(r) // G
+        first = first or last
+        seen += len(step_prompts)
+        kept += int(all_reduce_sum(torch.tensor([new], device=device))[0])
         if kept >= n_want:
             break
-    if not parts:  # every group tied: keep the last rollout (zero advantages) so DDP ranks stay in step
-        return full, full_r, 1.0
-    batch = concat_rollouts(parts, tok.pad_id) if len(parts) > 1 else parts[0]
-    return batch, torch.cat(rewards), 1 - kept / seen
+    if kept == 0:  # every group tied on every rank: train on the last rollout anyway (zero advantages)
+        parts = last
+    elif not parts:  # the kept groups are all on other ranks: one masked-out group keeps DDP in step
+        batch, r = first[0]
+        batch = select_rows(batch, torch.arange(G, device=device))
+        batch.update(resp_mask=torch.zeros_like(batch["resp_mask"]),
+                     live=torch.zeros(G, dtype=torch.bool, device=device))
+        parts = [(batch, r[:G])]
+    batch = concat_rollouts([b for b, _ in parts], tok.pad_id) if len(parts) > 1 else parts[0][0]
+    return batch, torch.cat([r for _, r in parts]), 1 - kept / seen
+
+
+def grpo_step(model, train_model, ref_model, opt, tok, prompts, reward_fn, task_of, cfg, step, rank=0, world=1,
+              timer=untimed):
+    """One GRPO step on this rank; returns the metrics row main logs. model is the policy,
+    train_model the same, DDP-wrapped when world > 1. timer times the phases (bench.py)."""
+    G, T = cfg["group_size"], cfg["temperature"]
+    set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"], min_ratio=1.0))  # constant after warmup
+    # 1. G samples for each of this rank's prompts, scored by the reward model
+    batch, rewards, dropped = sample_groups(model, tok, prompts, reward_fn, cfg, step, rank, world, timer)
+    # 2. advantages: relative to the group (or whitened over the batch for REINFORCE++)
+    if cfg["advantage"].startswith("reinforce_pp"):
+        adv_tok = reinforce_pp_advantages(rewards, batch["resp_mask"], cfg["advantage"], G)
+    else:
+        adv_tok = group_advantages(rewards, G, cfg["advantage"])[:, None] * batch["resp_mask"]
+    # 3. the clipped objective, μ times over the batch; KL(π || π_ref) measured always (the
+    #    over-optimisation x-axis), in the loss only when --kl is not off
+    with timer("logprobs"):
+        ref_logp = batched_logprobs(ref_model, batch, T, cfg["micro_batch"], cfg["dtype"])
+        # π_old = the sampling policy; with μ = 1 and one minibatch, update uses its live forward, detached
+        several = cfg["iterations"] > 1 or cfg["minibatches"] > 1
+        old_logp = batched_logprobs(model, batch, T, cfg["micro_batch"], cfg["dtype"]) if several else None
+    with timer("update"):
+        stats = update(train_model, ref_model, opt, batch, adv_tok, cfg, old_logp=old_logp, ref_logp=ref_logp)
+    row = dict(stats, **rollout_stats(batch, rewards), lr=opt.param_groups[0]["lr"],
+               zero_adv_groups=float((rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).float().mean()),
+               ds_dropped=dropped)
+    if cfg["reward"] == "rm":
+        row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
+    if (step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
+        with timer("gold_log"):  # the hidden judge, for the log only
+            row["gold"] = sum(s["score"] for s in gold_of(task_of, batch)) / len(batch["texts"])
+    return row
 
 
 def main(argv=None, reward_fn=None):
@@ -493,34 +632,19 @@ def main(argv=None, reward_fn=None):
         fail(f"--advantage {ADVANTAGES}, --loss-agg {LOSS_AGG}, --kl k1|k2|k3|off; got "
              f"{cfg['advantage']!r}, {cfg['loss_agg']!r}, {cfg['kl']!r}")
     device, rank, world = setup(cfg)
+    if not rank_chunks(cfg["prompts_per_step"], cfg["rollout_chunk"], world - 1, world):
+        fail(f"--prompts-per-step {cfg['prompts_per_step']} in chunks of --rollout-chunk {cfg['rollout_chunk']} "
+             f"leaves rank {world - 1} of {world} without prompts")
     t0 = time.time()
     model, ref_model, tok = load_policy(cfg["init"], device)
     prompts, task_of = load_prompts(cfg)
     reward_fn = reward_fn or make_reward(cfg, task_of, device)  # any callable(prompts, texts) -> (B,) works
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    log, G, T = MetricLog(cfg["out"], "grpo", enabled=rank == 0), cfg["group_size"], cfg["temperature"]
+    log = MetricLog(cfg["out"], "grpo", enabled=rank == 0)
 
     for step in (bar := tqdm(range(cfg["steps"]), disable=rank != 0, desc="grpo")):
-        set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"], min_ratio=1.0))  # constant after warmup
-        # 1. G samples for each of this rank's prompts, scored by the reward model
-        batch, rewards, dropped = sample_groups(model, tok, prompts, reward_fn, cfg, step, rank)
-        # 2. advantages: relative to the group (or whitened over the batch for REINFORCE++)
-        if cfg["advantage"].startswith("reinforce_pp"):
-            adv_tok = reinforce_pp_advantages(rewards, batch["resp_mask"], cfg["advantage"], G)
-        else:
-            adv_tok = group_advantages(rewards, G, cfg["advantage"])[:, None] * batch["resp_mask"]
-        # 3. the clipped objective, μ times over the batch; KL(π || π_ref) measured always (the
-        #    over-optimisation x-axis), in the loss only when --kl is not off
-        ref_logp = batched_logprobs(ref_model, batch, T, cfg["micro_batch"], cfg["dtype"])
-        stats = update(train_model, ref_model, opt, batch, adv_tok, cfg, ref_logp=ref_logp)
-        row = dict(stats, **rollout_stats(batch, rewards), lr=opt.param_groups[0]["lr"],
-                   zero_adv_groups=float((rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).float().mean()),
-                   ds_dropped=dropped)
-        if cfg["reward"] == "rm":
-            row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
-        if (step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
-            row["gold"] = sum(s["score"] for s in gold_of(task_of, batch)) / len(batch["texts"])
+        row = grpo_step(model, train_model, ref_model, opt, tok, prompts, reward_fn, task_of, cfg, step, rank, world)
         log.log(step, **row)
         bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{row['kl_seq']:.2f}", len=f"{row['length']:.0f}")
 
@@ -536,6 +660,51 @@ def main(argv=None, reward_fn=None):
     save(metrics)
     if cfg["eval_tasks"]:
         print_before_after("grpo", metrics, metrics["wall_s"])
+
+
+# ----------------------------------------------------------------------------- bench.py's step breakdown
+
+def bench_models(folder, quick):
+    """(policy path, RM path, what they are) for step_breakdown (ppo.py's too). Full size: the
+    pipeline's out/dpo.pt and out/rm.pt when both exist. Otherwise (always when quick: the test
+    suite runs on a clean checkout) random models written to folder: a BPE tokenizer trained on
+    the pretraining corpus, a GPT of the default config (tiny when quick) and a random RM of its
+    shape. A random policy rarely stops, so its responses run to max_new_tokens: a worst case."""
+    if not quick and os.path.exists(DEFAULTS["init"]) and os.path.exists(DEFAULTS["rm"]):
+        return DEFAULTS["init"], DEFAULTS["rm"], f"{DEFAULTS['init']} + {DEFAULTS['rm']}"
+    from data import Tokenizer
+    from model import GPT, GPTConfig
+    tok = Tokenizer.train(tasks.pretrain_corpus(100 if quick else 1000), 300 if quick else 1024)
+    size = dict(n_layer=2, n_head=2, n_embd=32, block_size=128) if quick else {}
+    torch.manual_seed(0)
+    paths = [os.path.join(folder, "policy.pt"), os.path.join(folder, "rm.pt")]
+    save_checkpoint(paths[0], GPT(GPTConfig(vocab_size=tok.vocab_size, **size)), tok, "random")
+    save_checkpoint(paths[1], GPT(GPTConfig(vocab_size=tok.vocab_size, scalar_head=True, **size)), tok, "reward",
+                    extra=dict(reward_mean=0.0, reward_std=1.0))
+    return paths[0], paths[1], f"random {'tiny' if quick else 'default-size'} models"
+
+
+def step_breakdown(device="cpu", quick=False):
+    """Seconds per phase of one GRPO step at the default (cpu) preset, or tiny when quick, for
+    bench.py: rollout (sampling), reward (RM scoring), logprobs (reference; old too when μ > 1),
+    update (the policy), gold_log (the judge, on logging steps), total (the whole step) and
+    rollout_frac (of the total less gold_log). The second of two steps is timed (the first warms
+    up); main's own step function runs."""
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory() as folder:
+        init, rm, source = bench_models(folder, quick)
+        cfg = parse_config(DEFAULTS, PRESETS, ["--preset", "tiny" if quick else "cpu", "--init", init, "--rm", rm])
+        torch.manual_seed(cfg["seed"])
+        model, ref_model, tok = load_policy(init, device)
+        prompts, task_of = load_prompts(cfg)
+        reward_fn = make_reward(cfg, task_of, device)
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    timer, seconds = phase_timer(device)
+    for step, t in ((0, untimed), (1, timer)):
+        with t("total"):
+            grpo_step(model, model, ref_model, opt, tok, prompts, reward_fn, task_of, cfg, step, timer=t)
+    work = seconds["total"] - seconds.get("gold_log", 0.0)  # the judge only logs: not RL work
+    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=source)
 
 
 if __name__ == "__main__":

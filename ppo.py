@@ -22,6 +22,7 @@ proxy and gold against sqrt(KL) for both (e.g. --curve true --steps 300 --kl-coe
 import dataclasses
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -180,14 +181,18 @@ def policy_cfg(cfg):
                 kl="off", loss_agg="token-mean")
 
 
-def ppo_step(model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg):
-    """make_experience, then the policy and the critic updates. Returns (experience, metrics)."""
-    exp = make_experience(model, ref_model, critic, batch, scores, kl_coef, cfg)
+def ppo_step(model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg, timer=grpo.untimed):
+    """make_experience, then the policy and the critic updates. Returns (experience, metrics).
+    timer times the phases (bench.py); "logprobs" covers the critic's values and GAE too."""
+    with timer("logprobs"):
+        exp = make_experience(model, ref_model, critic, batch, scores, kl_coef, cfg)
     m = batch["resp_mask"]
     err = ((exp["values"] - exp["returns"]) ** 2 * m).sum() / m.sum().clamp(min=1)  # before the update
     var_r = ((exp["returns"] - (exp["returns"] * m).sum() / m.sum()) ** 2 * m).sum() / m.sum().clamp(min=1)
-    stats = grpo.update(model, ref_model, opt, batch, exp["adv"], policy_cfg(cfg), old_logp=exp["old_logp"])
-    stats.update(critic_update(critic, copt, batch, exp, cfg))
+    with timer("update"):
+        stats = grpo.update(model, ref_model, opt, batch, exp["adv"], policy_cfg(cfg), old_logp=exp["old_logp"])
+    with timer("critic_update"):
+        stats.update(critic_update(critic, copt, batch, exp, cfg))
     stats.update(value_error=float(err), explained_var=float(1 - err / var_r.clamp(min=1e-8)))
     return exp, stats
 
@@ -265,6 +270,30 @@ def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
 
 # ----------------------------------------------------------------------------- main
 
+def train_step(model, train_model, ref_model, critic, opt, copt, tok, prompts, reward_fn, task_of, kl_coef, cfg,
+               step, rank=0, world=1, timer=grpo.untimed):
+    """One PPO step on this rank (model: the policy; train_model, critic: DDP-wrapped when world > 1).
+    Returns (the metrics row main logs, the KL coefficient for the next step)."""
+    for o, lr in ((opt, cfg["lr"]), (copt, cfg["critic_lr"])):
+        set_lr(o, lr_at(step, cfg["steps"], lr, cfg["warmup"], min_ratio=1.0))  # constant after warmup
+    with timer("rollout"):
+        batch = grpo.rollout(model, tok, grpo.draw_prompts(prompts, cfg["batch_size"], cfg["seed"], step, rank), 1,
+                             cfg["max_new_tokens"], cfg["temperature"])
+    with timer("reward"):
+        scores = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"])
+    exp, stats = ppo_step(train_model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg, timer)
+    kl_seq = float(all_reduce_sum(exp["kl"].sum().reshape(1)) / (len(scores) * world))  # nats per response
+    row = dict(stats, **grpo.rollout_stats(batch, scores), kl_seq=kl_seq, kl_coef=kl_coef)
+    if cfg["reward"] == "rm":
+        row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
+    if cfg["kl_target"] > 0:
+        kl_coef = adaptive_kl_coef(kl_coef, kl_seq, cfg["kl_target"], len(scores) * world, cfg["kl_horizon"])
+    if (cfg["curve"] or step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
+        with timer("gold_log"):  # the hidden judge, for the log only
+            row["gold"] = sum(s["score"] for s in grpo.gold_of(task_of, batch)) / len(batch["texts"])
+    return row, kl_coef
+
+
 def main(argv=None, reward_fn=None):
     cfg = parse_config(DEFAULTS, PRESETS, argv, description=__doc__)
     if cfg["critic_init"] not in ("rm", "policy"):
@@ -284,23 +313,11 @@ def main(argv=None, reward_fn=None):
         print(f"ppo: critic initialised from the {critic_src}; reward {cfg['reward']}")
 
     for step in (bar := tqdm(range(cfg["steps"]), disable=rank != 0, desc="ppo")):
-        for o, lr in ((opt, cfg["lr"]), (copt, cfg["critic_lr"])):
-            set_lr(o, lr_at(step, cfg["steps"], lr, cfg["warmup"], min_ratio=1.0))  # constant after warmup
-        batch = grpo.rollout(model, tok, grpo.draw_prompts(prompts, cfg["batch_size"], cfg["seed"], step, rank), 1,
-                             cfg["max_new_tokens"], cfg["temperature"])
-        scores = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"])
-        exp, stats = ppo_step(train_model, ref_model, train_critic, opt, copt, batch, scores, kl_coef, cfg)
-        kl_seq = float(all_reduce_sum(exp["kl"].sum().reshape(1)) / (len(scores) * world))  # nats per response
-        row = dict(stats, **grpo.rollout_stats(batch, scores), kl_seq=kl_seq, kl_coef=kl_coef)
-        if cfg["reward"] == "rm":
-            row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
-        if cfg["kl_target"] > 0:
-            kl_coef = adaptive_kl_coef(kl_coef, kl_seq, cfg["kl_target"], len(scores) * world, cfg["kl_horizon"])
-        if (cfg["curve"] or step % cfg["gold_every"] == 0 or step == cfg["steps"] - 1) and task_of:
-            row["gold"] = sum(s["score"] for s in grpo.gold_of(task_of, batch)) / len(batch["texts"])
+        row, kl_coef = train_step(model, train_model, ref_model, train_critic, opt, copt, tok, prompts, reward_fn,
+                                  task_of, kl_coef, cfg, step, rank, world)
         log.log(step, **row)
         run_rows.append(dict(row, step=step))
-        bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{kl_seq:.2f}", vf=f"{row['value_loss']:.3f}")
+        bar.set_postfix(r=f"{row['reward']:.2f}", kl=f"{row['kl_seq']:.2f}", vf=f"{row['value_loss']:.3f}")
 
     train_s = time.time() - t0
     if rank != 0:
@@ -320,6 +337,35 @@ def main(argv=None, reward_fn=None):
     save(metrics)
     if cfg["eval_tasks"]:
         grpo.print_before_after("ppo", metrics, metrics["wall_s"])
+
+
+# ----------------------------------------------------------------------------- bench.py's step breakdown
+
+def step_breakdown(device="cpu", quick=False):
+    """Seconds per phase of one PPO step at the default (cpu) preset, or tiny when quick, for
+    bench.py: rollout, reward (RM scoring), logprobs (old and reference log-probs, the critic's
+    values, GAE), update (the policy), critic_update, gold_log (the judge, on logging steps), total
+    (the whole step) and rollout_frac (of the total less gold_log). The second of two steps is
+    timed; main's own step function runs, on grpo.bench_models."""
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory() as folder:
+        init, rm, source = grpo.bench_models(folder, quick)
+        cfg = parse_config(DEFAULTS, PRESETS, ["--preset", "tiny" if quick else "cpu", "--init", init, "--rm", rm])
+        torch.manual_seed(cfg["seed"])
+        model, ref_model, tok = grpo.load_policy(init, device)
+        prompts, task_of = grpo.load_prompts(cfg)
+        reward_fn = grpo.make_reward(cfg, task_of, device)
+        critic, _ = make_critic(cfg, model, tok, device)
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
+    timer, seconds = grpo.phase_timer(device)
+    kl_coef = cfg["kl_coef"]
+    for step, t in ((0, grpo.untimed), (1, timer)):
+        with t("total"):
+            _, kl_coef = train_step(model, model, ref_model, critic, opt, copt, tok, prompts, reward_fn, task_of,
+                                    kl_coef, cfg, step, timer=t)
+    work = seconds["total"] - seconds.get("gold_log", 0.0)  # the judge only logs: not RL work
+    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=source)
 
 
 if __name__ == "__main__":

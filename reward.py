@@ -1,7 +1,7 @@
 """Reward model: a Bradley-Terry scorer of responses, trained on gold-labelled preference pairs.
 
-The pairs come from the SFT model itself: two samples per train prompt at temperature ~1, and
-the one the hidden gold judge scores higher is `chosen` (ties dropped). The reward model is the
+The pairs come from the SFT model itself: --samples K per train prompt at temperature 1, ranked
+by the hidden gold judge, every pair of them a comparison (--pairing all; ties dropped). The reward model is the
 SFT network plus a scalar head; it reads one number at the last real token of prompt+response
 and learns P(chosen beats rejected) = sigmoid(r_c - r_r). Its output is then normalised to
 mean 0 / std 1 over SFT samples, so PPO / GRPO see rewards on a known scale.
@@ -28,7 +28,7 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
     init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=280, val_frac=0.1,
-    temperature=1.0, label_noise=0.0, batch_size=32, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
+    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=32, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
     grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
@@ -40,34 +40,44 @@ PRESETS = dict(
 
 # ----------------------------------------------------------------------------- preference pairs
 
-def sample_preference_pairs(model, tok, n_prompts, seed, temperature=1.0, label_noise=0.0, split="train"):
+def sample_preference_pairs(model, tok, n_prompts, seed, temperature=1.0, label_noise=0.0, split="train",
+                            k=2, pairing="all"):
     """Gold-labelled pairs from the model's own samples -> list of dict(prompt, chosen, rejected, family).
 
-    n_prompts prompts of `split`, an equal share from each task family; two samples per prompt
+    n_prompts prompts of `split`, an equal share from each task family; k samples per prompt
     (the calculator runs while sampling, so tool responses hold the tool turns as special-token
-    text, exactly as data.generate_responses decodes them). chosen = the higher gold score; ties
-    carry no preference and are dropped; with probability label_noise a pair is flipped (noisy
-    annotators, for studying cDPO / robust DPO).
+    text, exactly as data.generate_responses decodes them), ranked by the gold judge. pairing:
+      all         every one of the k(k-1)/2 comparisons (InstructGPT, Ouyang et al. 2022, sec. 3.5:
+                  ranking k responses yields k choose 2 pairs for the cost of k samples)
+      best_worst  the best against the worst sample only: one pair per prompt with the widest gold
+                  margin (the on-policy preference data of Tulu 3 / Llama 3 style DPO)
+    chosen = the higher gold score; ties carry no preference and are dropped; with probability
+    label_noise a pair is flipped (noisy annotators, for studying cDPO / robust DPO).
     """
     import evaluate  # lazy: evaluate imports the stage scripts' world, not the other way round
+    if pairing not in ("all", "best_worst"):
+        raise ValueError(f"pairing must be all or best_worst, got {pairing!r}")
     shares = [n_prompts // len(tasks.FAMILIES) + (i < n_prompts % len(tasks.FAMILIES))
               for i in range(len(tasks.FAMILIES))]
     task_list = [t for f, n in zip(tasks.FAMILIES, shares) if n for t in tasks.make_tasks(f, split, n, seed)]
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    texts, _ = evaluate.respond(model.eval(), tok, task_list, temperature, n=2, generator=g)
-    gold = tasks.gold_scores([t for t in task_list for _ in range(2)], texts)
+    texts, _ = evaluate.respond(model.eval(), tok, task_list, temperature, n=k, generator=g)
+    gold = [x["score"] for x in tasks.gold_scores([t for t in task_list for _ in range(k)], texts)]
     rng = random.Random(f"label-noise-{seed}")
     pairs = []
     for i, task in enumerate(task_list):
-        (a, sa), (b, sb) = (texts[2 * i], gold[2 * i]["score"]), (texts[2 * i + 1], gold[2 * i + 1]["score"])
-        if abs(sa - sb) < 1e-9:
-            continue
-        if sb > sa:
-            a, b = b, a
-        if rng.random() < label_noise:
-            a, b = b, a
-        pairs.append(dict(prompt=task.prompt, chosen=a, rejected=b, family=task.family))
+        group = sorted(zip(gold[k * i:k * (i + 1)], texts[k * i:k * (i + 1)]), key=lambda x: -x[0])
+        if pairing == "best_worst":
+            candidates = [(group[0], group[-1])]
+        else:
+            candidates = [(group[a], group[b]) for a in range(k) for b in range(a + 1, k)]
+        for (sa, a), (sb, b) in candidates:
+            if abs(sa - sb) < 1e-9:
+                continue
+            if rng.random() < label_noise:
+                a, b = b, a
+            pairs.append(dict(prompt=task.prompt, chosen=a, rejected=b, family=task.family))
     return pairs
 
 
@@ -208,7 +218,9 @@ def train_and_val_pairs(cfg, sft, tok, rank):
         random.Random(cfg["seed"]).shuffle(pairs)
         n_val = max(1, int(len(pairs) * cfg["val_frac"])) if len(pairs) > 1 else 0
         return pairs[n_val:], pairs[:n_val]
-    train = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"], cfg["label_noise"])
+    train = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"], cfg["label_noise"],
+                                    k=cfg["samples"], pairing=cfg["pairing"])
+    # held out: one pair of two samples per val prompt, the comparison a labeller would be shown
     val = sample_preference_pairs(sft, tok, cfg["n_val_prompts"], cfg["seed"], cfg["temperature"], split="val")
     if rank == 0:
         write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_reward.jsonl"), train)
@@ -294,7 +306,7 @@ def main(argv=None):
 
     metrics = dict(n_train_pairs=len(train), n_val_pairs=len(val), params=model.num_params())
     if not cfg["data"]:
-        metrics["tie_rate"] = 1 - len(train_pairs) / max(1, cfg["n_prompts"])
+        metrics["tie_rate_val"] = 1 - len(val_pairs) / max(1, cfg["n_val_prompts"])
     metrics.update(final_metrics(model, train, val, tok.pad_id, device, cfg["dtype"]))
     metrics["wall_s"] = time.time() - t0
     if rank == 0:

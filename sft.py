@@ -1,7 +1,9 @@
 """Supervised fine-tuning: teach the base model the chat format on demonstrations.
 
 The loss is next-token cross-entropy on assistant tokens only (the mask from data.render_chat):
-the model learns to answer, not to predict the user's question or the tool's output.
+the model learns to answer, not to predict the user's question or the tool's output. On the
+built-in world the first --drill-steps steps train on one-line drills of the column facts that
+math workings are made of (tasks.drill_conversations), the rest on the demonstrations.
 
     python sft.py [--init out/base.pt] [--out out/sft.pt] [--data conversations.jsonl] [--preset tiny|cpu|gpu]
 """
@@ -18,12 +20,16 @@ from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_lo
 
 DEFAULTS = dict(
     init="out/base.pt", out="out/sft.pt", data=None, n_train=20000, n_val=200,
-    batch_size=128, grad_accum=4, steps=600, lr=1e-3, warmup=20, weight_decay=0.0, grad_clip=1.0,
+    drill_steps=200, drill_batch=256, drill_demos=16,
+    batch_size=128, grad_accum=4, steps=700, lr=1e-3, warmup=20,
+    weight_decay=0.0, grad_clip=1.0,
     eval_every=100, save_every=250, eval_tasks=25, stop_after=0, resume=False,
     seed=0, device="auto", dtype="bf16", compile=False,
 )
 PRESETS = dict(
-    tiny=dict(n_train=200, n_val=16, batch_size=8, grad_accum=2, steps=10, eval_every=5, save_every=5, eval_tasks=2),
+    tiny=dict(n_train=200, n_val=16, drill_steps=2, drill_batch=8, drill_demos=2,
+              batch_size=8, grad_accum=2, steps=10, eval_every=5,
+              save_every=5, eval_tasks=2),
     cpu=dict(),
     gpu=dict(n_train=200000, batch_size=128, steps=4000, lr=3e-4, eval_every=500, save_every=1000,
              eval_tasks=100),
@@ -91,6 +97,10 @@ def main(argv=None):
     parent = ckpt["parent"] if resuming else cfg["init"]
     block = model.config.block_size
     train, dropped = encode_all(tok, load_conversations(cfg), block)
+    # the built-in world's first steps drill the column facts (tasks.drill_conversations)
+    drill_steps = cfg["drill_steps"] if cfg["data"] is None else 0
+    drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0]
+    drills_then_train = drills + train
     val, _ = encode_all(tok, val_conversations(cfg["n_val"]), block)
     if not train:
         fail(f"no training conversation fits the {block}-token context")
@@ -117,16 +127,22 @@ def main(argv=None):
         set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
         # the batch depends only on (seed, step): resume and DDP see the same global batch
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-        idx = torch.randint(0, len(train), (cfg["batch_size"],), generator=g)[rank::world].tolist()
+        idx = torch.randint(0, len(train), (cfg["batch_size"],), generator=g)
+        pool = train
+        if step < drill_steps:  # drills, and a few demonstrations so the other skills stay in use
+            pool = drills_then_train
+            idx = torch.cat([torch.randint(0, len(drills), (cfg["drill_batch"],), generator=g),
+                             len(drills) + idx[:cfg["drill_demos"]]])
+        idx = idx[rank::world].tolist()
         # micro-batches of similar lengths: far less padding, and the same gradient, since every
         # micro-batch's loss is divided by the batch's total token count
-        idx.sort(key=lambda i: len(train[i][0]))
+        idx.sort(key=lambda i: len(pool[i][0]))
         micro = [idx[k * len(idx) // cfg["grad_accum"]:(k + 1) * len(idx) // cfg["grad_accum"]]
                  for k in range(cfg["grad_accum"])]
-        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(train[i][1][1:]) for i in idx)), device=device))
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(pool[i][1][1:]) for i in idx)), device=device))
         loss = 0.0
         for part in filter(None, micro):
-            ids, mask = make_batch(train, part, tok.pad_id, device)
+            ids, mask = make_batch(pool, part, tok.pad_id, device)
             with autocast(device, cfg["dtype"]):
                 part_loss = masked_loss(train_model, ids, mask, n_tokens / world)  # x world: DDP averages grads
             part_loss.backward()

@@ -119,8 +119,9 @@ def _sample_math(rng, digits=None, steps=None) -> Task:
         raise ValueError(f"math: digits must be 1-4, got {digits}")
     if steps is not None and steps not in (1, 2, 3):
         raise ValueError(f"math: steps must be 1-3, got {steps}")
-    d = digits or rng.choices((1, 2, 3), (0.3, 0.45, 0.25))[0]
-    s = steps or rng.choices((1, 2, 3), (0.5, 0.35, 0.15))[0]
+    # the default mix is sized to a ~1M-parameter model (3-digit, 3-step problems: --math-digits 3 etc.)
+    d = digits or rng.choices((1, 2), (0.5, 0.5))[0]
+    s = steps or rng.choices((1, 2), (0.6, 0.4))[0]
     lo, hi = (0 if d == 1 else 10 ** (d - 1)), 10 ** d - 1
     nums, ops = [rng.randint(lo, hi)], []
     cur = nums[0]
@@ -415,6 +416,25 @@ def sft_conversations(n: int, seed: int = 0, noise: bool = True) -> list[dict]:
     return out
 
 
+# Document kinds of the pretraining corpus and their weights.
+PRETRAIN_MIX = {"math": 0.45, "facts": 0.15, "code": 0.2, "tool": 0.05, "safety": 0.15}
+
+
+def drill_conversations(n: int, seed: int = 0) -> list[dict]:
+    """n one-line chats drilling the column facts: 'Column: 8+7+1' -> '8+7+1=16' (SFT's first
+    steps). Every working is built from ~400 such facts; a ~1M-parameter model learns the table
+    from short dense examples in a few hundred steps, but barely from the same facts scattered
+    through long workings, where they are a small share of the loss (measured: column-line
+    accuracy after SFT 12% without the drill, 21% with it)."""
+    rng = random.Random(f"drill-{seed}")
+    out = []
+    for _ in range(n):
+        fact = _random_fact(rng)
+        out.append({"messages": [{"role": "user", "content": "Column: " + fact.split("=")[0]},
+                                 {"role": "assistant", "content": fact}]})
+    return out
+
+
 def pretrain_corpus(n_docs: int, seed: int = 0) -> list[str]:
     """Plain-text documents (clean, train split only): worked math problems and bare arithmetic
     facts, code functions with their descriptions, safety Q&A, and calculator lines."""
@@ -422,7 +442,7 @@ def pretrain_corpus(n_docs: int, seed: int = 0) -> list[str]:
     docs = []
     for _ in range(n_docs):
         # calc lines teach only the call syntax (the products are unlearnable), so they get little room
-        kind = rng.choices(("math", "facts", "code", "tool", "safety"), (0.45, 0.15, 0.2, 0.05, 0.15))[0]
+        kind = rng.choices(list(PRETRAIN_MIX), list(PRETRAIN_MIX.values()))[0]
         parts = []
         if kind == "facts":
             # drills of the single-digit column facts every working is made of: a tiny model

@@ -259,6 +259,38 @@ def test_concat_rollouts_keeps_rows(model, tok):
         assert torch.allclose((lp * part["resp_mask"]).sum(1), (lp_c[rows] * c["resp_mask"][rows]).sum(1), atol=1e-4)
 
 
+def test_rank_shares_of_a_step_are_one_process_batch(model, tok):
+    """DDP equivalence by construction: what ranks 0 and 1 of 2 sample and score is, row for row
+    and bitwise, what one process samples, found by row id (uid). In-process, without
+    torch.distributed (tests/test_ddp.py runs real ranks, dynamic sampling included)."""
+    cfg = dict(grpo.DEFAULTS, prompts_per_step=4, group_size=3, max_new_tokens=6, rollout_chunk=1)
+    prompts = ["What is 1+2?", "hi", "def f(x):", "Say yes.", "What is 12*3?"]
+    reward_fn = lambda ps, texts: torch.tensor([float(len(t)) for t in texts])
+    one = grpo.sample_groups(model, tok, prompts, reward_fn, cfg, step=3)
+    shares = [grpo.sample_groups(model, tok, prompts, reward_fn, cfg, step=3, rank=r, world=2) for r in (0, 1)]
+    assert sorted(torch.cat([b["uid"] for b, _, _ in shares]).tolist()) == sorted(one[0]["uid"].tolist())
+    P = one[0]["prompt_len"]
+    for b, r, _ in shares:
+        for i, u in enumerate(b["uid"].tolist()):
+            j = one[0]["uid"].tolist().index(u)
+            assert b["texts"][i] == one[0]["texts"][j] and r[i] == one[1][j]
+            resp = b["ids"][i, b["prompt_len"]:][b["resp_mask"][i, b["prompt_len"] - 1:].bool()]
+            assert torch.equal(resp, one[0]["ids"][j, P:][one[0]["resp_mask"][j, P - 1:].bool()])
+    assert len(set(one[0]["texts"])) > 1  # the check above compared real samples
+
+
+def test_minibatch_rows_is_randperm_for_one_process():
+    """update's minibatch split is unchanged for one process: randperm(B).chunk(n), same draws."""
+    batch = dict(ids=torch.zeros(10, 3, dtype=torch.long))
+    torch.manual_seed(5)
+    rows = grpo.minibatch_rows(batch, 3)
+    torch.manual_seed(5)
+    assert [r.tolist() for r in rows] == [c.tolist() for c in torch.randperm(10).chunk(3)]
+    uid = torch.tensor([7, 2, 9, 4])  # with row ids, every row lands in exactly one minibatch
+    rows = grpo.minibatch_rows(dict(ids=torch.zeros(4, 3), uid=uid), 2)
+    assert sorted(torch.cat(rows).tolist()) == [0, 1, 2, 3]
+
+
 # ----------------------------------------------------------------------------- learning
 
 def test_grpo_learns_a_bandit(model, tok):

@@ -112,6 +112,25 @@ def test_sampled_pairs_follow_the_gold_judge(tiny_sft):
     assert [(p["chosen"], p["rejected"]) for p in flipped] == [(p["rejected"], p["chosen"]) for p in pairs]
 
 
+def test_k_samples_give_all_comparisons_or_the_widest_one(tiny_sft):
+    """k=4: 'all' ranks the 4 samples and keeps every untied pair (<= 6 per prompt), each ordered
+    by the gold judge; 'best_worst' keeps one pair per prompt, the one with the widest margin."""
+    ckpt = load_checkpoint(tiny_sft / "sft.pt")
+    model, tok = ckpt["model"], ckpt["tokenizer"]
+    every = reward.sample_preference_pairs(model, tok, 8, seed=5, k=4, pairing="all")
+    widest = reward.sample_preference_pairs(model, tok, 8, seed=5, k=4, pairing="best_worst")
+    by_prompt = {t.prompt: t for f in tasks.FAMILIES for t in tasks.make_tasks(f, "train", 2, seed=5)}
+    gap = lambda p: (tasks.gold_score(by_prompt[p["prompt"]], p["chosen"])["score"]
+                     - tasks.gold_score(by_prompt[p["prompt"]], p["rejected"])["score"])
+    assert every and all(gap(p) > 0 for p in every)
+    assert all(sum(p["prompt"] == q for p in every) <= 6 for q in by_prompt)
+    assert len({p["prompt"] for p in widest}) == len(widest) <= 8  # one pair per prompt at most
+    for w in widest:  # the same samples (same seed), so its pair is the widest of that prompt's
+        assert gap(w) == pytest.approx(max(gap(p) for p in every if p["prompt"] == w["prompt"]))
+    with pytest.raises(ValueError, match="pairing"):
+        reward.sample_preference_pairs(model, tok, 4, seed=5, pairing="random")
+
+
 # ----------------------------------------------------------------------------- script
 
 def test_reward_script_smoke(tiny_sft, tmp_path, monkeypatch):

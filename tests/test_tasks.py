@@ -123,6 +123,21 @@ def test_column_working_by_hand():
     assert tasks._columns(95, "+", 87) == (["5+7+0=12", "9+8+1=18"], 182)
 
 
+def test_drills_are_true_column_facts():
+    drills = tasks.drill_conversations(300, seed=1)
+    assert drills == tasks.drill_conversations(300, seed=1)  # deterministic
+    for d in drills:
+        user, assistant = d["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        lhs, result = assistant["content"].split("=")
+        assert user["content"] == "Column: " + lhs
+        x, op, y, c = re.fullmatch(r"(\d+)([+-])(\d)([+-]\d)", lhs).groups()
+        assert int(result) == (int(x) + int(y) + int(c) if op == "+" else int(x) - int(y) + int(c))
+        assert 0 <= int(result) <= 19 and c in ("+0", "+1", "-0", "-1")
+    ops = {re.search(r"\d([+-])", d["messages"][1]["content"]).group(1) for d in drills}
+    assert ops == {"+", "-"}  # both tables are drilled
+
+
 def test_tool_reference_format():
     for t in make_tasks("tool", "train", 50, seed=1):
         a, b = map(int, re.fullmatch(r"What is (\d+)\*(\d+)\?", t.prompt).groups())

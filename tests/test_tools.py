@@ -1,4 +1,5 @@
 """evaluate.py (intervals, gate), chat.py, GPT-2 export/import, bench.py --quick."""
+import json
 import os
 import subprocess
 import sys
@@ -80,9 +81,15 @@ def test_chat_answers_through_stdin_and_exits_cleanly(tiny_sft):
     assert "(conversation cleared)" in proc.stdout and "Traceback" not in proc.stderr
 
 
-def test_bench_quick_prints_every_row():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--out-dir", "/nonexistent"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+def test_bench_quick_prints_every_row(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--out-dir", "/nonexistent",
+                           "--json", tmp_path / "bench.json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for row in ("matmul peak", "sampler", "log-prob kernel", "training", "MFU"):
+    for row in ("matmul peak", "sampler", "log-prob kernel", "training", "MFU", "grpo step", "ppo step"):
         assert row in proc.stdout
+    rl = json.load(open(tmp_path / "bench.json"))["rl_step"]  # the RL step breakdown, on random tiny models
+    for name, phases in (("grpo", ("rollout", "reward", "logprobs", "update")),
+                         ("ppo", ("rollout", "reward", "logprobs", "update", "critic_update"))):
+        p = rl[name]
+        assert all(p[k] > 0 for k in phases + ("total",)), p
+        assert sum(p[k] for k in phases) <= p["total"] and 0 < p["rollout_frac"] < 1, p
