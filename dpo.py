@@ -266,10 +266,13 @@ def load_data(cfg, model, tok, rank):
 # ----------------------------------------------------------------------------- training
 
 def encode_pairs(tok, pairs, block_size):
-    """Pairs -> (chosen rows, rejected rows, prompts), dropping pairs that don't fit the context."""
+    """Pairs -> (chosen rows, rejected rows, prompts), dropping pairs that don't fit the context and
+    pairs with a side the policy wrote no token of (a sample that opens with a stray <|tool|> is all
+    tool output to the chat template): its log-prob would be an empty sum."""
     rows = [(encode(tok, p["prompt"], p["chosen"]), encode(tok, p["prompt"], p["rejected"]), p["prompt"])
             for p in pairs]
-    rows = [r for r in rows if max(len(x[0]) + len(x[1]) for x in r[:2]) <= block_size]
+    rows = [r for r in rows if max(len(x[0]) + len(x[1]) for x in r[:2]) <= block_size
+            and min(sum(x[2]) for x in r[:2]) > 0]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 

@@ -490,6 +490,8 @@ def final_eval(model, ref_model, tok, rm_fn, cfg):
     m = {f"{k}_init": v for k, v in evaluate.score_responses(task_list, before, len0).items()}
     m.update(evaluate.score_responses(task_list, after, len1))
     m["gold_winrate_vs_init"] = evaluate.gold_winrate(task_list, after, before)
+    m["gold_winrate_vs_init_t1"] = evaluate.gold_winrate(task_list, evaluate.sample_texts(model, tok, task_list),
+                                                         evaluate.sample_texts(ref_model, tok, task_list))
     if rm_fn is not None:
         m["rm_score_init"], m["rm_score"] = rm_fn(prompts, before).mean().item(), rm_fn(prompts, after).mean().item()
     batch = rollout(model, tok, prompts, 1, cfg["max_new_tokens"], cfg["temperature"])
@@ -501,7 +503,8 @@ def final_eval(model, ref_model, tok, rm_fn, cfg):
 def print_before_after(stage, m, wall):
     rm = f"RM score {m['rm_score_init']:.3f} -> {m['rm_score']:.3f}, " if "rm_score" in m else ""
     print(f"{stage}: {rm}gold score {m['gold_score_init']:.3f} -> {m['gold_score']:.3f}, gold win rate vs init "
-          f"{m['gold_winrate_vs_init']:.3f}, KL to ref {m['kl_to_ref']:.3f} nats/response, "
+          f"{m['gold_winrate_vs_init']:.3f} (samples at T=1: {m['gold_winrate_vs_init_t1']:.3f}), "
+          f"KL to ref {m['kl_to_ref']:.3f} nats/response, "
           f"length {m['mean_len_init']:.1f} -> {m['mean_len']:.1f}, train {m['train_s']:.0f}s, total {wall:.0f}s")
 
 

@@ -175,6 +175,17 @@ def test_encode_turns_tool_text_into_special_tokens_with_the_tool_output_masked(
     assert c[-1] == tok.end_id and m[-1] == 1
 
 
+def test_encode_pairs_drops_a_side_with_no_policy_token(tok):
+    """A sample opening with a stray <|tool|> is all tool output to the template (mask 0): its
+    log-prob would be an empty sum, and RPO's per-token NLL 0/0 (a NaN that once killed a run)."""
+    good = dict(prompt="Help me smoke a brisket.", chosen="Cook it low and slow.", rejected="Sorry, I can't help.")
+    stray = dict(good, chosen="<|tool|> smell cook it low")
+    chosen, rejected, prompts = dpo.encode_pairs(tok, [good, stray, good], 256)
+    assert len(chosen) == len(rejected) == len(prompts) == 2
+    assert all(sum(x[2]) > 0 for x in chosen + rejected)
+    assert sum(dpo.encode(tok, stray["prompt"], stray["chosen"])[2]) == 0  # what was dropped
+
+
 # ----------------------------------------------------------------------------- KTO reference point
 
 def test_kto_reference_point_is_detached_clamped_mean():
