@@ -15,12 +15,15 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-from common import pick_device
-from model import GPT, GPTConfig, sequence_logprobs, token_logprobs
+import tasks
+from common import make_optimizer, parse_config, pick_device
+from data import Tokenizer
+from model import GPT, GPTConfig, save_checkpoint, sequence_logprobs, token_logprobs
 
 DEFAULT_MODEL = dict(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128)
 
@@ -155,20 +158,70 @@ def bench_training(device, quick, peak):
                 model_gflops=tok_s * flops_per_token / 1e9)
 
 
+def bench_models(folder, quick):
+    """(policy path, RM path, what they are) for the RL step breakdown. Full size: the pipeline's
+    out/dpo.pt and out/rm.pt when both exist. Otherwise (always when quick: the test suite runs on
+    a clean checkout) random models written to folder: a BPE tokenizer trained on the pretraining
+    corpus, a GPT of the default config (tiny when quick) and a random RM of its shape. A random
+    policy rarely stops, so its responses run to max_new_tokens: a worst case."""
+    import grpo
+    if not quick and os.path.exists(grpo.DEFAULTS["init"]) and os.path.exists(grpo.DEFAULTS["rm"]):
+        return grpo.DEFAULTS["init"], grpo.DEFAULTS["rm"], f"{grpo.DEFAULTS['init']} + {grpo.DEFAULTS['rm']}"
+    tok = Tokenizer.train(tasks.pretrain_corpus(100 if quick else 1000), 300 if quick else 1024)
+    size = dict(n_layer=2, n_head=2, n_embd=32, block_size=128) if quick else {}
+    torch.manual_seed(0)
+    paths = [os.path.join(folder, "policy.pt"), os.path.join(folder, "rm.pt")]
+    save_checkpoint(paths[0], GPT(GPTConfig(vocab_size=tok.vocab_size, **size)), tok, "random")
+    save_checkpoint(paths[1], GPT(GPTConfig(vocab_size=tok.vocab_size, scalar_head=True, **size)), tok, "reward",
+                    extra=dict(reward_mean=0.0, reward_std=1.0))
+    return paths[0], paths[1], f"random {'tiny' if quick else 'default-size'} models"
+
+
+def rl_step_breakdown(algo, device, quick):
+    """Seconds per phase of one step of grpo.py or ppo.py at the default (cpu) preset, tiny when
+    quick: rollout, reward (RM scoring), logprobs (reference and old log-probs; for PPO also the
+    critic's values and GAE), update (the policy), critic_update (PPO), gold_log (the judge, on
+    logging steps), total, and rollout_frac (of the total less gold_log). The script's own step
+    function runs twice and the second is timed (the first warms up)."""
+    import grpo
+    import ppo
+    mod = grpo if algo == "grpo" else ppo
+    with tempfile.TemporaryDirectory() as folder:
+        init, rm, source = bench_models(folder, quick)
+        cfg = parse_config(mod.DEFAULTS, mod.PRESETS, ["--preset", "tiny" if quick else "cpu", "--init", init,
+                                                       "--rm", rm])
+        torch.manual_seed(cfg["seed"])
+        model, ref_model, tok = grpo.load_policy(init, device)
+        prompts, task_of = grpo.load_prompts(cfg)
+        reward_fn = grpo.make_reward(cfg, task_of, device)
+        critic = ppo.make_critic(cfg, model, tok, device)[0] if algo == "ppo" else None
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    if algo == "ppo":
+        copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
+        kl_coef = [cfg["kl_coef"]]
+
+        def step_fn(step, timer):
+            _, kl_coef[0] = ppo.train_step(model, model, ref_model, critic, opt, copt, tok, prompts, reward_fn,
+                                           task_of, kl_coef[0], cfg, step, timer=timer)
+    else:
+        def step_fn(step, timer):
+            grpo.grpo_step(model, model, ref_model, opt, tok, prompts, reward_fn, task_of, cfg, step, timer=timer)
+    timer, seconds = grpo.phase_timer(device)
+    for step, t in ((0, grpo.untimed), (1, timer)):
+        with t("total"):
+            step_fn(step, t)
+    work = seconds["total"] - seconds.get("gold_log", 0.0)  # the judge only logs: not RL work
+    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=source)
+
+
 def bench_rl(device, quick):
-    """Seconds per phase of one GRPO step and one PPO step at the default preset (tiny when quick):
-    each script's step_breakdown runs its own training step on out/dpo.pt + out/rm.pt, or on random
-    models when those are missing (always when quick)."""
+    """Seconds per phase of one GRPO step and one PPO step (rl_step_breakdown)."""
     try:
-        import grpo
-        import ppo
+        import grpo  # noqa: F401
+        import ppo  # noqa: F401
     except ImportError as e:
         return {"skipped": f"RL stages not importable ({e})"}
-    out = {}
-    for name, mod in (("grpo", grpo), ("ppo", ppo)):
-        if hasattr(mod, "step_breakdown"):
-            out[name] = mod.step_breakdown(device=device, quick=quick)
-    return out
+    return {algo: rl_step_breakdown(algo, torch.device(device), quick) for algo in ("grpo", "ppo")}
 
 
 def pipeline_times(out_dir):

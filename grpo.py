@@ -26,7 +26,6 @@ kernels, update (for its policy) and the prompt / reward / evaluation helpers be
 """
 import contextlib
 import os
-import tempfile
 import time
 
 import torch
@@ -663,51 +662,6 @@ def main(argv=None, reward_fn=None):
     save(metrics)
     if cfg["eval_tasks"]:
         print_before_after("grpo", metrics, metrics["wall_s"])
-
-
-# ----------------------------------------------------------------------------- bench.py's step breakdown
-
-def bench_models(folder, quick):
-    """(policy path, RM path, what they are) for step_breakdown (ppo.py's too). Full size: the
-    pipeline's out/dpo.pt and out/rm.pt when both exist. Otherwise (always when quick: the test
-    suite runs on a clean checkout) random models written to folder: a BPE tokenizer trained on
-    the pretraining corpus, a GPT of the default config (tiny when quick) and a random RM of its
-    shape. A random policy rarely stops, so its responses run to max_new_tokens: a worst case."""
-    if not quick and os.path.exists(DEFAULTS["init"]) and os.path.exists(DEFAULTS["rm"]):
-        return DEFAULTS["init"], DEFAULTS["rm"], f"{DEFAULTS['init']} + {DEFAULTS['rm']}"
-    from data import Tokenizer
-    from model import GPT, GPTConfig
-    tok = Tokenizer.train(tasks.pretrain_corpus(100 if quick else 1000), 300 if quick else 1024)
-    size = dict(n_layer=2, n_head=2, n_embd=32, block_size=128) if quick else {}
-    torch.manual_seed(0)
-    paths = [os.path.join(folder, "policy.pt"), os.path.join(folder, "rm.pt")]
-    save_checkpoint(paths[0], GPT(GPTConfig(vocab_size=tok.vocab_size, **size)), tok, "random")
-    save_checkpoint(paths[1], GPT(GPTConfig(vocab_size=tok.vocab_size, scalar_head=True, **size)), tok, "reward",
-                    extra=dict(reward_mean=0.0, reward_std=1.0))
-    return paths[0], paths[1], f"random {'tiny' if quick else 'default-size'} models"
-
-
-def step_breakdown(device="cpu", quick=False):
-    """Seconds per phase of one GRPO step at the default (cpu) preset, or tiny when quick, for
-    bench.py: rollout (sampling), reward (RM scoring), logprobs (reference; old too when μ > 1),
-    update (the policy), gold_log (the judge, on logging steps), total (the whole step) and
-    rollout_frac (of the total less gold_log). The second of two steps is timed (the first warms
-    up); main's own step function runs."""
-    device = torch.device(device)
-    with tempfile.TemporaryDirectory() as folder:
-        init, rm, source = bench_models(folder, quick)
-        cfg = parse_config(DEFAULTS, PRESETS, ["--preset", "tiny" if quick else "cpu", "--init", init, "--rm", rm])
-        torch.manual_seed(cfg["seed"])
-        model, ref_model, tok = load_policy(init, device)
-        prompts, task_of = load_prompts(cfg)
-        reward_fn = make_reward(cfg, task_of, device)
-    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
-    timer, seconds = phase_timer(device)
-    for step, t in ((0, untimed), (1, timer)):
-        with t("total"):
-            grpo_step(model, model, ref_model, opt, tok, prompts, reward_fn, task_of, cfg, step, timer=t)
-    work = seconds["total"] - seconds.get("gold_log", 0.0)  # the judge only logs: not RL work
-    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=source)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ proxy and gold against sqrt(KL) for both (e.g. --curve true --steps 300 --kl-coe
 import dataclasses
 import math
 import os
-import tempfile
 import time
 
 import torch
@@ -337,35 +336,6 @@ def main(argv=None, reward_fn=None):
     save(metrics)
     if cfg["eval_tasks"]:
         grpo.print_before_after("ppo", metrics, metrics["wall_s"])
-
-
-# ----------------------------------------------------------------------------- bench.py's step breakdown
-
-def step_breakdown(device="cpu", quick=False):
-    """Seconds per phase of one PPO step at the default (cpu) preset, or tiny when quick, for
-    bench.py: rollout, reward (RM scoring), logprobs (old and reference log-probs, the critic's
-    values, GAE), update (the policy), critic_update, gold_log (the judge, on logging steps), total
-    (the whole step) and rollout_frac (of the total less gold_log). The second of two steps is
-    timed; main's own step function runs, on grpo.bench_models."""
-    device = torch.device(device)
-    with tempfile.TemporaryDirectory() as folder:
-        init, rm, source = grpo.bench_models(folder, quick)
-        cfg = parse_config(DEFAULTS, PRESETS, ["--preset", "tiny" if quick else "cpu", "--init", init, "--rm", rm])
-        torch.manual_seed(cfg["seed"])
-        model, ref_model, tok = grpo.load_policy(init, device)
-        prompts, task_of = grpo.load_prompts(cfg)
-        reward_fn = grpo.make_reward(cfg, task_of, device)
-        critic, _ = make_critic(cfg, model, tok, device)
-    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
-    copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
-    timer, seconds = grpo.phase_timer(device)
-    kl_coef = cfg["kl_coef"]
-    for step, t in ((0, grpo.untimed), (1, timer)):
-        with t("total"):
-            _, kl_coef = train_step(model, model, ref_model, critic, opt, copt, tok, prompts, reward_fn, task_of,
-                                    kl_coef, cfg, step, timer=t)
-    work = seconds["total"] - seconds.get("gold_log", 0.0)  # the judge only logs: not RL work
-    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=source)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,8 @@ def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
         batch = grpo.rollout(model, tok, [pool[i].prompt for i in idx], G, cap, cfg["temperature"],
                              cfg["top_k"], cfg["top_p"], tools=True)
         reward, facts = score(task_list, batch, cfg, cache)
-        seen_b.append(bucket[torch.tensor(idx)].repeat_interleave(G)), seen_s.append(facts["success"].cpu())
+        seen_b.append(bucket[torch.tensor(idx)].repeat_interleave(G))
+        seen_s.append(facts["success"].cpu())
         seen += len(idx)
         rows = torch.arange(len(reward), device=reward.device)
         if cfg["dynamic_sampling"]:

@@ -99,7 +99,8 @@ def main(argv=None):
     train, dropped = encode_all(tok, load_conversations(cfg), block)
     # the built-in world's first steps drill the column facts (tasks.drill_conversations)
     drill_steps = cfg["drill_steps"] if cfg["data"] is None else 0
-    drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0]
+    drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0] \
+        if drill_steps else []
     drills_then_train = drills + train
     val, _ = encode_all(tok, val_conversations(cfg["n_val"]), block)
     if not train:
