@@ -21,11 +21,12 @@ import time
 import torch
 
 import tasks
-from common import make_optimizer, parse_config, pick_device
+from common import autocast, make_optimizer, parse_config, pick_device, train_flops_per_token
 from data import Tokenizer
-from model import GPT, GPTConfig, save_checkpoint, sequence_logprobs, token_logprobs
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs, token_logprobs
 
 DEFAULT_MODEL = dict(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128)
+GPU_MODEL = dict(vocab_size=4096, block_size=512, n_layer=12, n_head=12, n_embd=768)  # pretrain.py --preset gpu
 
 
 def sync(device):
@@ -63,9 +64,10 @@ def matmul_peak(device, quick):
 
 @torch.no_grad()
 def bench_sampler(device, quick):
-    """Tokens/s of model.generate (KV cache) vs re-running the full prefix for every new token."""
+    """Tokens/s of model.generate (KV cache) vs re-running the full prefix for every new token, for
+    the preset's model (the gpu preset's on CUDA, where a tiny model would time only kernel launches)."""
     batch, new = (8, 16) if quick else (64, 128)
-    model = GPT(GPTConfig(**DEFAULT_MODEL)).to(device).eval()
+    model = GPT(GPTConfig(**(GPU_MODEL if device.type == "cuda" else DEFAULT_MODEL))).to(device).eval()
     prompt = torch.randint(0, 1000, (batch, 16), device=device)
     mask = torch.ones_like(prompt)
 
@@ -136,59 +138,72 @@ def bench_kernel(device, quick):
     return rows
 
 
-def bench_training(device, quick, peak):
-    """Training tokens/s of the default model and its MFU (6N + 12·L·T·C FLOPs per token)."""
-    cfg = GPTConfig(**DEFAULT_MODEL)
+def bench_training(device, quick, peak, compile_model=False):
+    """Training tokens/s and MFU of the preset's model: the default (cpu) model in fp32 on a CPU,
+    the gpu preset's GPT-2-small shape in bf16 autocast on CUDA (torch.compile with --compile)."""
+    cuda = device.type == "cuda" and not quick
+    cfg = GPTConfig(**(GPU_MODEL if cuda else DEFAULT_MODEL))
     model = GPT(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B, T = (8, 64) if quick else (64, 128)
+    opt = make_optimizer(model, 1e-4, device=device)
+    B, T = (8, 64) if quick else (32, 512) if cuda else (64, 128)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+    forward = torch.compile(model) if compile_model else model
 
     def step():
-        loss = -sequence_logprobs(model, ids).mean()
+        with autocast(device, "bf16"):
+            loss = -sequence_logprobs(forward, ids).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = timed(step, device, 3 if quick else 5)
-    n = model.num_params(embeddings=False) + cfg.vocab_size * cfg.n_embd  # the lm_head matmul counts
-    flops_per_token = 6 * n + 12 * cfg.n_layer * T * cfg.n_embd
+    if compile_model:
+        step()  # compiling is not training time
+    seconds = timed(step, device, 3 if quick else 10)
+    flops_per_token = train_flops_per_token(model, T)
     tok_s = B * T / seconds
-    return dict(batch=B, seq=T, tok_s=tok_s, mfu=tok_s * flops_per_token / peak,
-                model_gflops=tok_s * flops_per_token / 1e9)
+    return dict(batch=B, seq=T, params_m=model.num_params() / 1e6, compiled=compile_model, tok_s=tok_s,
+                mfu=tok_s * flops_per_token / peak, model_gflops=tok_s * flops_per_token / 1e9)
 
 
-def bench_models(folder, quick):
-    """(policy path, RM path, what they are) for the RL step breakdown. Full size: the pipeline's
-    out/dpo.pt and out/rm.pt when both exist. Otherwise (always when quick: the test suite runs on
-    a clean checkout) random models written to folder: a BPE tokenizer trained on the pretraining
-    corpus, a GPT of the default config (tiny when quick) and a random RM of its shape. A random
-    policy rarely stops, so its responses run to max_new_tokens: a worst case."""
+def bench_models(folder, quick, init=None):
+    """(policy path, RM path, what they are) for the RL step breakdown. A given policy (--rl-init)
+    gets a random RM of its shape. Full size: the pipeline's out/dpo.pt and out/rm.pt when both
+    exist. Otherwise (always when quick: the test suite runs on a clean checkout) random models
+    written to folder: a BPE tokenizer trained on the pretraining corpus, a GPT of the default
+    config (tiny when quick) and a random RM of its shape. A random policy rarely stops, so its
+    responses run to max_new_tokens: a worst case."""
     import grpo
+    rm_path = os.path.join(folder, "rm.pt")
+    if init:
+        ckpt = load_checkpoint(init)
+        shape = {k: getattr(ckpt["model"].config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                                                 "n_embd")}
+        save_checkpoint(rm_path, GPT(GPTConfig(scalar_head=True, **shape)), ckpt["tokenizer"], "reward",
+                        extra=dict(reward_mean=0.0, reward_std=1.0))
+        return init, rm_path, f"{init} + a random RM"
     if not quick and os.path.exists(grpo.DEFAULTS["init"]) and os.path.exists(grpo.DEFAULTS["rm"]):
         return grpo.DEFAULTS["init"], grpo.DEFAULTS["rm"], f"{grpo.DEFAULTS['init']} + {grpo.DEFAULTS['rm']}"
     tok = Tokenizer.train(tasks.pretrain_corpus(100 if quick else 1000), 300 if quick else 1024)
     size = dict(n_layer=2, n_head=2, n_embd=32, block_size=128) if quick else {}
     torch.manual_seed(0)
-    paths = [os.path.join(folder, "policy.pt"), os.path.join(folder, "rm.pt")]
+    paths = [os.path.join(folder, "policy.pt"), rm_path]
     save_checkpoint(paths[0], GPT(GPTConfig(vocab_size=tok.vocab_size, **size)), tok, "random")
     save_checkpoint(paths[1], GPT(GPTConfig(vocab_size=tok.vocab_size, scalar_head=True, **size)), tok, "reward",
                     extra=dict(reward_mean=0.0, reward_std=1.0))
     return paths[0], paths[1], f"random {'tiny' if quick else 'default-size'} models"
 
 
-def rl_step_breakdown(algo, device, quick):
-    """Seconds per phase of one step of grpo.py or ppo.py at the default (cpu) preset, tiny when
-    quick: rollout, reward (RM scoring), logprobs (reference and old log-probs; for PPO also the
-    critic's values and GAE), update (the policy), critic_update (PPO), gold_log (the judge, on
-    logging steps), total, and rollout_frac (of the total less gold_log). The script's own step
+def rl_step_breakdown(algo, device, quick, preset="cpu", init=None):
+    """Seconds per phase of one step of grpo.py or ppo.py at the preset (tiny when quick): rollout,
+    reward (RM scoring), logprobs (reference and old log-probs; for PPO also the critic's values
+    and GAE), update (the policy), critic_update (PPO), gold_log (the judge, on logging steps), total, and rollout_frac (of the total less gold_log). The script's own step
     function runs twice and the second is timed (the first warms up)."""
     import grpo
     import ppo
     mod = grpo if algo == "grpo" else ppo
     with tempfile.TemporaryDirectory() as folder:
-        init, rm, source = bench_models(folder, quick)
-        cfg = parse_config(mod.DEFAULTS, mod.PRESETS, ["--preset", "tiny" if quick else "cpu", "--init", init,
+        init, rm, source = bench_models(folder, quick, init)
+        cfg = parse_config(mod.DEFAULTS, mod.PRESETS, ["--preset", "tiny" if quick else preset, "--init", init,
                                                        "--rm", rm])
         torch.manual_seed(cfg["seed"])
         model, ref_model, tok = grpo.load_policy(init, device)
@@ -211,17 +226,17 @@ def rl_step_breakdown(algo, device, quick):
         with t("total"):
             step_fn(step, t)
     work = seconds["total"] - seconds.get("gold_log", 0.0)  # the judge only logs: not RL work
-    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=source)
+    return dict(seconds, rollout_frac=seconds["rollout"] / work, model=f"{source}, preset {cfg['preset']}")
 
 
-def bench_rl(device, quick):
+def bench_rl(device, quick, preset, init):
     """Seconds per phase of one GRPO step and one PPO step (rl_step_breakdown)."""
     try:
         import grpo  # noqa: F401
         import ppo  # noqa: F401
     except ImportError as e:
         return {"skipped": f"RL stages not importable ({e})"}
-    return {algo: rl_step_breakdown(algo, torch.device(device), quick) for algo in ("grpo", "ppo")}
+    return {algo: rl_step_breakdown(algo, device, quick, preset, init) for algo in ("grpo", "ppo")}
 
 
 def pipeline_times(out_dir):
@@ -233,6 +248,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for the test suite (seconds)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model of the training row")
+    ap.add_argument("--rl-preset", default=None, help="preset of the RL step rows (default: gpu on CUDA, else cpu)")
+    ap.add_argument("--rl-init", default=None, help="policy checkpoint for the RL step rows (a random RM is added)")
     ap.add_argument("--out-dir", default="out")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
@@ -242,8 +260,9 @@ def main(argv=None):
     res = dict(device=str(device), threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
     res["sampler"] = bench_sampler(device, args.quick)
     res["kernel"] = bench_kernel(device, args.quick)
-    res["training"] = bench_training(device, args.quick, peak)
-    res["rl_step"] = bench_rl(device, args.quick)
+    res["training"] = bench_training(device, args.quick, peak, args.compile)
+    rl_preset = args.rl_preset or ("gpu" if device.type == "cuda" else "cpu")
+    res["rl_step"] = bench_rl(device, args.quick, rl_preset, args.rl_init)
     res["pipeline_wall_s"] = pipeline_times(args.out_dir)
     print_table(res)
     if args.json:
@@ -263,7 +282,8 @@ def print_table(r):
               f"chunked {k['chunked_s']:.3f}s / {k['chunked_peak_mb']:.0f} MB vs naive {k['naive_s']:.3f}s / "
               f"{k['naive_peak_mb']:.0f} MB: memory {k['memory_ratio']:.0%}, time {k['time_ratio']:.2f}x |")
     t = r["training"]
-    print(f"| training, batch {t['batch']} x {t['seq']} | {t['tok_s']:.0f} tok/s, {t['model_gflops']:.1f} GFLOP/s, "
+    print(f"| training, {t['params_m']:.1f}M params, batch {t['batch']} x {t['seq']}"
+          f"{', compiled' if t['compiled'] else ''} | {t['tok_s']:.0f} tok/s, {t['model_gflops']:.1f} GFLOP/s, "
           f"MFU {t['mfu']:.0%} of the measured matmul peak |")
     for name, p in r["rl_step"].items():
         if isinstance(p, dict):

@@ -102,6 +102,33 @@ def all_reduce_sum(x):
     return x
 
 
+def train_flops_per_token(model, seq_len):
+    """Model FLOPs of training on one token, forward + backward (PaLM, appendix B): 6 per weight
+    the token is multiplied by (every matrix but the lookup tables, plus the lm_head's vocab x C)
+    and 12·L·T·C for attention's scores and weighted values at context T. Padding excluded."""
+    c = model.config
+    return 6 * (model.num_params(embeddings=False) + c.vocab_size * c.n_embd) + 12 * c.n_layer * seq_len * c.n_embd
+
+
+class Throughput:
+    """Tokens/s and model TFLOP/s since the last read. Read it right after a .item() (which waits
+    for the device), so the interval covers finished work; MFU = tflops / the matmul peak that
+    bench.py measures on the same machine."""
+
+    def __init__(self, model):
+        self.model, self.tokens, self.flops, self.t0 = model, 0, 0.0, time.perf_counter()
+
+    def add(self, tokens, seq_len):
+        self.tokens += tokens
+        self.flops += tokens * train_flops_per_token(self.model, seq_len)
+
+    def read(self):
+        seconds = time.perf_counter() - self.t0
+        rates = dict(tok_s=self.tokens / seconds, tflops=self.flops / seconds / 1e12)
+        self.tokens, self.flops, self.t0 = 0, 0.0, time.perf_counter()
+        return rates
+
+
 class MetricLog:
     """Appends one JSON object per logged step to OUT.jsonl (rank 0 only)."""
 

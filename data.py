@@ -269,17 +269,12 @@ def as_messages(record):
 
 # ----------------------------------------------------------------------------- batching
 
-def pad(seqs, value, left=False):
-    """List of int lists -> (B, T) LongTensor padded with value (on the left for prompts)."""
-    T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            if left:
-                out[i, T - len(s):] = torch.tensor(s)
-            else:
-                out[i, :len(s)] = torch.tensor(s)
-    return out
+def pad(seqs, value, left=False, multiple=1):
+    """List of int lists -> (B, T) LongTensor padded with value (on the left for prompts), T
+    rounded up to a multiple (fixed shapes let torch.compile reuse its kernels)."""
+    T = -(-max(len(s) for s in seqs) // multiple) * multiple
+    fill = lambda s: [value] * (T - len(s)) + list(s) if left else list(s) + [value] * (T - len(s))
+    return torch.tensor([fill(s) for s in seqs], dtype=torch.long)
 
 
 def pad_prompts(tok, prompts):

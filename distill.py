@@ -56,7 +56,7 @@ PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
               batch_size=8, micro_batches=2, steps=6, eval_tasks=1),
     cpu=dict(),
-    gpu=dict(n_train=200000, batch_size=128, steps=3000, lr=1e-3, seq_prompts=20000, eval_tasks=200),
+    gpu=dict(n_train=200000, batch_size=128, steps=3000, lr=1e-3, seq_prompts=2400, eval_tasks=200),
 )
 
 

@@ -52,7 +52,7 @@ PRESETS = dict(
     tiny=dict(n_prompts=16, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=16, micro_batch=4,
               gold_every=1, eval_tasks=1, rollout_chunk=1),
     cpu=dict(),
-    gpu=dict(n_prompts=20000, steps=500, prompts_per_step=64, group_size=16, micro_batch=128, lr=1e-5,
+    gpu=dict(n_prompts=2400, steps=500, prompts_per_step=64, group_size=16, micro_batch=128, lr=1e-5,
              iterations=2, minibatches=4, eval_tasks=100),
 )
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")

@@ -43,7 +43,7 @@ PRESETS = dict(
     tiny=dict(n_prompts=16, steps=2, batch_size=8, max_new_tokens=16, micro_batch=4, gold_every=1, eval_tasks=1,
               bon_prompts=2, bon_n=4),
     cpu=dict(),
-    gpu=dict(n_prompts=20000, steps=500, batch_size=256, epochs=4, minibatches=4, micro_batch=128, lr=1e-5,
+    gpu=dict(n_prompts=2400, steps=500, batch_size=256, epochs=4, minibatches=4, micro_batch=128, lr=1e-5,
              critic_lr=3e-5, eval_tasks=100, bon_prompts=256),
 )
 

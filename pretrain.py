@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from common import MetricLog, Throughput, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
 from data import DataError, Tokenizer, read_jsonl
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs
 
@@ -119,6 +119,7 @@ def main(argv=None):
             save_checkpoint(cfg["out"], model, tok, "pretrain", parent=None, config=cfg,
                             metrics=metrics, optimizer=opt, step=step)
 
+    speed = Throughput(model)
     bar = tqdm(range(start_step, cfg["steps"]), disable=rank != 0, desc="pretrain")
     for step in bar:
         set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
@@ -129,12 +130,14 @@ def main(argv=None):
                 # sum / global token count (x world: DDP averages grads) = the global mean
                 loss = -sequence_logprobs(train_model, micro).sum() * world / n_tokens
             loss.backward()
+            speed.add(micro[:, 1:].numel(), micro.shape[1] - 1)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == cfg["steps"] - 1:
             train_loss = all_reduce_sum(loss.detach() * cfg["grad_accum"]) / world  # last micro's mean
-            row = dict(loss=train_loss.item(), grad_norm=norm.item(), lr=opt.param_groups[0]["lr"])
+            row = dict(loss=train_loss.item(), grad_norm=norm.item(), lr=opt.param_groups[0]["lr"],
+                       **speed.read())
             if (step + 1) % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
                 row["val_loss"] = evaluate_loss(model, val_stream.to(device), cfg)
             log.log(step, **row)

@@ -58,7 +58,7 @@ PRESETS = dict(
     tiny=dict(n_prompts=24, steps=2, prompts_per_step=3, group_size=4, micro_batch=8, eval_n=1,
               passk_problems=1, passk_samples=2),
     cpu=dict(),
-    gpu=dict(n_prompts=6000, steps=400, prompts_per_step=128, group_size=16, micro_batch=256, lr=2e-5,
+    gpu=dict(n_prompts=1800, steps=400, prompts_per_step=128, group_size=16, micro_batch=256, lr=2e-5,
              minibatches=4, eval_n=200, passk_problems=100, passk_samples=64),
 )
 # The recipes. kl/beta: KL(π||π_ref) estimator and weight in the loss (GRPO eq. 3); kl_reward: β of

@@ -38,3 +38,21 @@ def test_compiled_model_matches_eager(model, tok):
     eager = m.logits(ids)
     compiled = torch.compile(m)
     assert torch.allclose(compiled.lm_head(compiled(ids)), eager, atol=1e-4)
+
+
+def test_gpu_presets_ask_the_world_for_no_more_tasks_than_it_has():
+    """The gpu presets run where no test does: their prompt pools must at least be buildable."""
+    import distill
+    import grpo
+    import ppo
+    import rlvr
+    import tasks
+    from common import parse_config
+    for mod in (grpo, ppo):
+        cfg = parse_config(mod.DEFAULTS, mod.PRESETS, ["--preset", "gpu"])
+        assert len(grpo.load_prompts(cfg)[0]) >= cfg["n_prompts"] * 0.99
+    cfg = rlvr.resolve_algo(parse_config(rlvr.DEFAULTS, rlvr.PRESETS, ["--preset", "gpu"]))
+    assert len(rlvr.load_pool(cfg)) >= cfg["n_prompts"] * 0.99
+    n = parse_config(distill.DEFAULTS, distill.PRESETS, ["--preset", "gpu"])["seq_prompts"]
+    for family, weight in tasks.SFT_MIX.items():
+        assert len(tasks.make_tasks(family, "train", round(n * weight))) == round(n * weight)
