@@ -303,7 +303,7 @@ def calculator_tool(tok):
 
 @torch.no_grad()
 def generate_responses(model, tok, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                       tools=True, batch_size=256, generator=None):
+                       tools=True, batch_size=1024, generator=None):
     """Sample one response per prompt (a string or a message list), in batches.
 
     Returns dict: prompt_ids (list of id lists), tokens / logprobs / sampled (B, N) tensors

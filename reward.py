@@ -28,13 +28,13 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
     init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=280, val_frac=0.1,
-    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=32, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
+    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=8, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
     grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_prompts=24, n_val_prompts=8, batch_size=4, epochs=1, warmup=1),
     cpu=dict(),
-    gpu=dict(n_prompts=2400, n_val_prompts=280, batch_size=64, epochs=3, lr=3e-4, warmup=20),
+    gpu=dict(n_prompts=2400, n_val_prompts=280, batch_size=16, epochs=3, lr=3e-4, warmup=20),
 )
 
 
@@ -120,7 +120,7 @@ def encode_pairs(tok, pairs, block_size):
     for p in pairs:
         c, r = render_response(tok, p["prompt"], p["chosen"]), render_response(tok, p["prompt"], p["rejected"])
         if max(len(c[0]), len(r[0])) <= block_size:
-            out.append(dict(chosen=c[0], rejected=r[0], family=p.get("family", "data")))
+            out.append(dict(chosen=c[0], rejected=r[0], family=p.get("family", "data"), prompt=str(p["prompt"])))
     return out, len(pairs) - len(out)
 
 
@@ -147,25 +147,48 @@ def bt_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
     return -F.logsigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected) ** 2
 
 
-def pair_batch(encoded, idx, pad_id, device):
-    """Chosen rows then rejected rows, right padded: one forward scores both sides."""
-    seqs = [encoded[i]["chosen"] for i in idx] + [encoded[i]["rejected"] for i in idx]
-    return pad(seqs, pad_id).to(device), torch.tensor([len(s) for s in seqs], device=device)
+def prompt_groups(encoded):
+    """Indices of the pairs of each prompt, prompts in first-seen order."""
+    groups = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(e["prompt"], []).append(i)
+    return list(groups.values())
+
+
+def side_batch(encoded, idx, pad_id, device):
+    """The distinct responses of pairs idx, right padded, their lengths, and the row of each
+    pair's chosen and rejected side. Batches hold whole prompts, so a prompt's K samples take K
+    rows, not K(K-1): InstructGPT's batching of all a prompt's comparisons as one element
+    (Ouyang et al. 2022, sec. 3.5), which also keeps a response from being fitted K-1 times apart."""
+    seqs = list(dict.fromkeys(tuple(encoded[i][side]) for i in idx for side in ("chosen", "rejected")))
+    row = {q: j for j, q in enumerate(seqs)}
+    rows_of = lambda side: torch.tensor([row[tuple(encoded[i][side])] for i in idx], device=device)
+    lengths = torch.tensor([len(q) for q in seqs], device=device)
+    return pad(seqs, pad_id).to(device), lengths, rows_of("chosen"), rows_of("rejected")
 
 
 @torch.no_grad()
-def pair_scores(model, encoded, pad_id, device, dtype, batch_size=64):
-    """(r_chosen, r_rejected) of every pair, each (N,)."""
+def sequence_scores(model, seqs, pad_id, device, dtype=None, batch_size=64):
+    """Raw score of each token sequence, (N,) in the order given. Each distinct sequence is scored
+    once (with K samples per prompt a response sits in K-1 pairs), in batches of similar lengths."""
+    was_training = model.training
     model.eval()
-    rc, rr = [], []
-    for s in range(0, len(encoded), batch_size):
-        ids, lengths = pair_batch(encoded, range(s, min(s + batch_size, len(encoded))), pad_id, device)
+    distinct = sorted(set(map(tuple, seqs)), key=len)
+    score = {}
+    for s in range(0, len(distinct), batch_size):
+        chunk = distinct[s:s + batch_size]
+        lengths = torch.tensor([len(c) for c in chunk], device=device)
         with autocast(device, dtype):
-            r = last_token_scores(model, ids, lengths)
-        rc.append(r[:len(r) // 2])
-        rr.append(r[len(r) // 2:])
-    model.train()
-    return torch.cat(rc), torch.cat(rr)
+            score.update(zip(chunk, last_token_scores(model, pad(chunk, pad_id).to(device), lengths).tolist()))
+    model.train(was_training)
+    return torch.tensor([score[tuple(q)] for q in seqs], device=device)
+
+
+def pair_scores(model, encoded, pad_id, device, dtype):
+    """(r_chosen, r_rejected) of every pair, each (N,)."""
+    sides = [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
+    r = sequence_scores(model, sides, pad_id, device, dtype)
+    return r[:len(encoded)], r[len(encoded):]
 
 
 # ----------------------------------------------------------------------------- for PPO / GRPO
@@ -196,12 +219,7 @@ def load_reward_model(path, device=None, batch_size=64):
             # past the context the model has no positions: score what fits (the sampler never
             # produces longer, since it stops at block_size too)
             seqs.append(render_chat(tok, msgs + response_messages(r))[0][:block])
-        out = [torch.zeros(0, device=dev)]
-        for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s:s + batch_size]
-            lengths = torch.tensor([len(c) for c in chunk], device=dev)
-            out.append(last_token_scores(model, pad(chunk, tok.pad_id).to(dev), lengths))
-        return (torch.cat(out) - mean) / std
+        return (sequence_scores(model, seqs, tok.pad_id, dev, batch_size=batch_size) - mean) / std
 
     score.model, score.tokenizer, score.mean, score.std = model, tok, mean, std
     return score
@@ -249,7 +267,8 @@ def final_metrics(model, train, val, pad_id, device, dtype):
             m[f"val_acc_{fam}"] = (vc[sel] > vr[sel]).float().mean().item()
     tc, tr = pair_scores(model, train, pad_id, device, dtype)
     m["train_acc"] = (tc > tr).float().mean().item()
-    raw = torch.cat([tc, tr])
+    sides = [e["chosen"] for e in train] + [e["rejected"] for e in train]
+    raw = torch.tensor(list(dict(zip(map(tuple, sides), torch.cat([tc, tr]).tolist())).values()))  # each once
     m["reward_mean"], m["reward_std"] = raw.mean().item(), max(raw.std().item() if len(raw) > 1 else 1.0, 1e-6)
     return m
 
@@ -277,21 +296,21 @@ def main(argv=None):
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log = MetricLog(cfg["out"], "reward", enabled=rank == 0)
-    B = cfg["batch_size"]
-    per_epoch = math.ceil(len(train) / B)
+    groups, B = prompt_groups(train), cfg["batch_size"]  # B prompts per step, with all their pairs
+    per_epoch = math.ceil(len(groups) / B)
     steps = cfg["epochs"] * per_epoch
     bar = tqdm(range(steps), disable=rank != 0, desc="reward")
     for step in bar:
         set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup"]))
         # the batch depends only on (seed, epoch, step): every rank takes its slice of the same one
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch))
-        idx = perm[k * B:(k + 1) * B][rank::world].tolist()
-        ids, lengths = pair_batch(train, idx, tok.pad_id, device)  # one forward: chosen rows, then rejected
+        perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch))
+        idx = [i for g in perm[k * B:(k + 1) * B][rank::world].tolist() for i in groups[g]]
+        ids, lengths, chosen_row, rejected_row = side_batch(train, idx, tok.pad_id, device)
         n_pairs = all_reduce_sum(torch.tensor(float(len(idx)), device=device))
         with autocast(device, cfg["dtype"]):
             r = last_token_scores(train_model, ids, lengths)
-        rc, rr = r[:len(idx)], r[len(idx):]
+        rc, rr = r[chosen_row], r[rejected_row]
         loss = bt_loss(rc, rr, cfg["margin"], cfg["center_coef"]).sum() / (n_pairs / world)  # x world: DDP averages
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -443,7 +443,7 @@ def test_batch_keeps_order_and_throughput():
     items = []
     for i in range(20):
         body = "return a + b" if i % 3 else "return a - b"  # every third one is wrong
-        items.append({"code": f"def add(a, b):\n    {body}\n", "test": ADD_TEST, "entry_point": "add"})
+        items.append({"code": f"def add(a, b):  # {i}\n    {body}\n", "test": ADD_TEST, "entry_point": "add"})
     items.append({"code": ADD})  # malformed item: an error result, not an exception
     t0 = time.perf_counter()
     results = V.run_code_batch(items, workers=4)
@@ -452,3 +452,15 @@ def test_batch_keeps_order_and_throughput():
     assert [r["passed"] for r in results[:20]] == [bool(i % 3) for i in range(20)]
     assert results[20]["passed"] is False and results[20]["reason"] == "error"
     assert dt < 20
+
+
+def test_batch_runs_identical_programs_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(V, "run_code", lambda code, *a: calls.append(code) or {"passed": code == ADD})
+    same = {"code": ADD, "test": ADD_TEST, "entry_point": "add"}
+    other = dict(same, code="def add(a, b):\n    return 0\n")
+    results = V.run_code_batch([same, other, dict(same), other])
+    assert [r["passed"] for r in results] == [True, False, True, False]
+    assert sorted(calls) == sorted([ADD, other["code"]])
+    results[0]["passed"] = "mutated"  # each caller gets its own copy
+    assert results[2]["passed"] is True
