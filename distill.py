@@ -45,7 +45,7 @@ from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpo
 from sft import encode_all, make_batch, val_conversations
 
 DEFAULTS = dict(
-    init="out/rlvr.pt", out="out/student.pt", data=None, n_train=20000, n_drills=6000, n_val=200,
+    init="out/rlvr.pt", out="out/student.pt", data=None, n_train=20000, n_val=200,
     mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.0,
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
@@ -53,7 +53,7 @@ DEFAULTS = dict(
     eval_tasks=200, threads=1, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
-    tiny=dict(n_train=200, n_drills=20, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
+    tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
               batch_size=8, micro_batches=2, steps=6, eval_tasks=1),
     cpu=dict(),
     gpu=dict(n_train=200000, batch_size=128, steps=3000, lr=1e-3, seq_prompts=2400, eval_tasks=200),
@@ -235,11 +235,9 @@ def make_student(teacher, tok, cfg, calib, device):
 
 def load_conversations(cfg):
     """Training conversations: --data (messages or prompt/completion JSONL) or the built-in
-    world's clean demonstrations (noise=False: the student should learn answers, not the noise)
-    plus n_drills column-fact drills, which taught the teacher its arithmetic in SFT."""
+    world's clean demonstrations (noise=False: the student should learn answers, not the noise)."""
     if cfg["data"] is None:
-        return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"], noise=False)
-                + tasks.drill_conversations(cfg["n_drills"], seed=cfg["seed"])]
+        return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"], noise=False)]
     if not os.path.exists(cfg["data"]):
         fail(f"{cfg['data']}: no such file")
     try:
