@@ -1,8 +1,9 @@
 """Reward model: a Bradley-Terry scorer of responses, trained on gold-labelled preference pairs.
 
 The pairs come from the SFT model itself: --samples K per train prompt at temperature 1, ranked
-by the hidden gold judge, every pair of them a comparison (--pairing all; ties dropped). The reward model is the
-SFT network plus a scalar head; it reads one number at the last real token of prompt+response
+by the hidden gold judge, every pair of them a comparison (--pairing all; ties dropped). A batch
+is --batch-size whole prompts with all their pairs, each response scored once (InstructGPT's
+batching). The reward model is the SFT network plus a scalar head; it reads one number at the last real token of prompt+response
 and learns P(chosen beats rejected) = sigmoid(r_c - r_r). Its output is then normalised to
 mean 0 / std 1 over SFT samples, so PPO / GRPO see rewards on a known scale.
 
@@ -268,7 +269,8 @@ def final_metrics(model, train, val, pad_id, device, dtype):
     tc, tr = pair_scores(model, train, pad_id, device, dtype)
     m["train_acc"] = (tc > tr).float().mean().item()
     sides = [e["chosen"] for e in train] + [e["rejected"] for e in train]
-    raw = torch.tensor(list(dict(zip(map(tuple, sides), torch.cat([tc, tr]).tolist())).values()))  # each once
+    score_of = dict(zip(map(tuple, sides), torch.cat([tc, tr]).tolist()))
+    raw = torch.tensor(list(score_of.values()))  # each distinct response once, however many pairs it is in
     m["reward_mean"], m["reward_std"] = raw.mean().item(), max(raw.std().item() if len(raw) > 1 else 1.0, 1e-6)
     return m
 
