@@ -196,8 +196,9 @@ def bench_models(folder, quick, init=None):
 def rl_step_breakdown(algo, device, quick, preset="cpu", init=None):
     """Seconds per phase of one step of grpo.py or ppo.py at the preset (tiny when quick): rollout,
     reward (RM scoring), logprobs (reference and old log-probs; for PPO also the critic's values
-    and GAE), update (the policy), critic_update (PPO), gold_log (the judge, on logging steps), total, and rollout_frac (of the total less gold_log). The script's own step
-    function runs twice and the second is timed (the first warms up)."""
+    and GAE), update (the policy), critic_update (PPO), gold_log (the judge, on logging steps),
+    total, and rollout_frac (of the total less gold_log). The script's own step function runs
+    twice and the second is timed (the first warms up)."""
     import grpo
     import ppo
     mod = grpo if algo == "grpo" else ppo

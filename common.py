@@ -105,7 +105,7 @@ def all_reduce_sum(x):
 def train_flops_per_token(model, seq_len):
     """Model FLOPs of training on one token, forward + backward (PaLM, appendix B): 6 per weight
     the token is multiplied by (every matrix but the lookup tables, plus the lm_head's vocab x C)
-    and 12·L·T·C for attention's scores and weighted values at context T. Padding excluded."""
+    and 12·L·T·C for attention's scores and weighted values at context T."""
     c = model.config
     return 6 * (model.num_params(embeddings=False) + c.vocab_size * c.n_embd) + 12 * c.n_layer * seq_len * c.n_embd
 

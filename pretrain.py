@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from common import MetricLog, Throughput, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from common import (MetricLog, Throughput, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config,
+                    set_lr, setup)
 from data import DataError, Tokenizer, read_jsonl
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs
 

@@ -1,11 +1,12 @@
 """Reward model: a Bradley-Terry scorer of responses, trained on gold-labelled preference pairs.
 
 The pairs come from the SFT model itself: --samples K per train prompt at temperature 1, ranked
-by the hidden gold judge, every pair of them a comparison (--pairing all; ties dropped). A batch
-is --batch-size whole prompts with all their pairs, each response scored once (InstructGPT's
-batching). The reward model is the SFT network plus a scalar head; it reads one number at the last real token of prompt+response
-and learns P(chosen beats rejected) = sigmoid(r_c - r_r). Its output is then normalised to
-mean 0 / std 1 over SFT samples, so PPO / GRPO see rewards on a known scale.
+by the hidden gold judge, every pair of them a comparison (--pairing all; ties dropped). A batch is
+--batch-size whole prompts with all their pairs, each response scored once (InstructGPT's
+batching). The reward model is the SFT network plus a scalar head; it reads one number at the
+last real token of prompt+response and learns P(chosen beats rejected) = sigmoid(r_c - r_r). Its
+output is then normalised to mean 0 / std 1 over SFT samples, so PPO / GRPO see rewards on a
+known scale.
 
     python reward.py [--init out/sft.pt] [--out out/rm.pt] [--data prefs.jsonl] [--preset tiny|cpu|gpu]
 
@@ -29,8 +30,8 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
     init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=280, val_frac=0.1,
-    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=8, epochs=2, lr=1e-3, warmup=10, weight_decay=0.0,
-    grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
+    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=8, epochs=2, lr=1e-3, warmup=10,
+    weight_decay=0.0, grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_prompts=24, n_val_prompts=8, batch_size=4, epochs=1, warmup=1),

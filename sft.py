@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from common import MetricLog, Throughput, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
+from common import (MetricLog, Throughput, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config,
+                    set_lr, setup)
 from data import DataError, as_messages, pad, read_jsonl, render_chat
 from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_logprobs
 
