@@ -165,6 +165,12 @@ def bench_training(device, quick, peak, compile_model=False):
                 mfu=tok_s * flops_per_token / peak, model_gflops=tok_s * flops_per_token / 1e9)
 
 
+def save_random_rm(path, tok, shape):
+    """A reward-model checkpoint of a random GPT of this shape (normalisation 0 / 1)."""
+    save_checkpoint(path, GPT(GPTConfig(scalar_head=True, **shape)), tok, "reward",
+                    extra=dict(reward_mean=0.0, reward_std=1.0))
+
+
 def bench_models(folder, quick, init=None):
     """(policy path, RM path, what they are) for the RL step breakdown. A given policy (--rl-init)
     gets a random RM of its shape. Full size: the pipeline's out/dpo.pt and out/rm.pt when both
@@ -178,8 +184,7 @@ def bench_models(folder, quick, init=None):
         ckpt = load_checkpoint(init)
         shape = {k: getattr(ckpt["model"].config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
                                                                  "n_embd")}
-        save_checkpoint(rm_path, GPT(GPTConfig(scalar_head=True, **shape)), ckpt["tokenizer"], "reward",
-                        extra=dict(reward_mean=0.0, reward_std=1.0))
+        save_random_rm(rm_path, ckpt["tokenizer"], shape)
         return init, rm_path, f"{init} + a random RM"
     if not quick and os.path.exists(grpo.DEFAULTS["init"]) and os.path.exists(grpo.DEFAULTS["rm"]):
         return grpo.DEFAULTS["init"], grpo.DEFAULTS["rm"], f"{grpo.DEFAULTS['init']} + {grpo.DEFAULTS['rm']}"
@@ -188,8 +193,7 @@ def bench_models(folder, quick, init=None):
     torch.manual_seed(0)
     paths = [os.path.join(folder, "policy.pt"), rm_path]
     save_checkpoint(paths[0], GPT(GPTConfig(vocab_size=tok.vocab_size, **size)), tok, "random")
-    save_checkpoint(paths[1], GPT(GPTConfig(vocab_size=tok.vocab_size, scalar_head=True, **size)), tok, "reward",
-                    extra=dict(reward_mean=0.0, reward_std=1.0))
+    save_random_rm(paths[1], tok, dict(vocab_size=tok.vocab_size, **size))
     return paths[0], paths[1], f"random {'tiny' if quick else 'default-size'} models"
 
 

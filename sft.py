@@ -104,7 +104,6 @@ def main(argv=None):
     drill_steps = cfg["drill_steps"] if cfg["data"] is None else 0
     drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0] \
         if drill_steps else []
-    drills_then_train = drills + train
     val, _ = encode_all(tok, val_conversations(cfg["n_val"]), block)
     if not train:
         fail(f"no training conversation fits the {block}-token context")
@@ -132,27 +131,25 @@ def main(argv=None):
         set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
         # the batch depends only on (seed, step): resume and DDP see the same global batch
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-        idx = torch.randint(0, len(train), (cfg["batch_size"],), generator=g)
-        pool = train
+        rows = [train[i] for i in torch.randint(0, len(train), (cfg["batch_size"],), generator=g).tolist()]
         if step < drill_steps:  # drills, and a few demonstrations so the other skills stay in use
-            pool = drills_then_train
-            idx = torch.cat([torch.randint(0, len(drills), (cfg["drill_batch"],), generator=g),
-                             len(drills) + idx[:cfg["drill_demos"]]])
-        idx = idx[rank::world].tolist()
+            rows = [drills[i] for i in torch.randint(0, len(drills), (cfg["drill_batch"],), generator=g).tolist()] \
+                + rows[:cfg["drill_demos"]]
+        rows = rows[rank::world]
         # micro-batches of similar lengths: far less padding, and the same gradient, since every
         # micro-batch's loss is divided by the batch's total token count
-        idx.sort(key=lambda i: len(pool[i][0]))
-        micro = [idx[k * len(idx) // cfg["grad_accum"]:(k + 1) * len(idx) // cfg["grad_accum"]]
+        rows.sort(key=lambda r: len(r[0]))
+        micro = [rows[k * len(rows) // cfg["grad_accum"]:(k + 1) * len(rows) // cfg["grad_accum"]]
                  for k in range(cfg["grad_accum"])]
-        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(pool[i][1][1:]) for i in idx)), device=device))
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(mask[1:]) for _, mask in rows)), device=device))
         loss = 0.0
         for part in filter(None, micro):
-            ids, mask = make_batch(pool, part, tok.pad_id, device)
+            ids, mask = make_batch(part, range(len(part)), tok.pad_id, device)
             with autocast(device, cfg["dtype"]):
                 part_loss = masked_loss(train_model, ids, mask, n_tokens / world)  # x world: DDP averages grads
             part_loss.backward()
             loss += part_loss.detach()
-            speed.add(sum(len(pool[i][0]) - 1 for i in part), ids.shape[1] - 1)
+            speed.add(sum(len(r[0]) - 1 for r in part), ids.shape[1] - 1)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
