@@ -34,6 +34,7 @@ boundary against a determined attacker: crafted bytecode, a signal handler or mo
 tricks could reach past the audit hook. The kernel-level layer (root) is the hard boundary.
 """
 import ast
+import hashlib
 import json
 import math
 import operator
@@ -575,10 +576,19 @@ def run_code(code, test, entry_point, timeout=3.0, memory_mb=512):
         return _result(False, "error", note=f"sandbox failure: {e!r}"[:200])
 
 
+# Verdicts remembered for the life of the process, keyed by a hash of the run's inputs: a policy
+# resamples the same program step after step, and evaluation scores the same greedy answers
+# checkpoint after checkpoint (measured: evaluate.py ran 1403 programs of which 293 were new).
+# Timeouts and memory kills depend on the machine's load, so they are not remembered.
+_VERDICTS = {}
+_VERDICTS_MAX = 100_000
+_LOAD_DEPENDENT = ("timeout", "memory")
+
+
 def run_code_batch(items, workers=4):
     """run_code over dicts with code/test/entry_point (optional timeout, memory_mb); order kept.
-    Identical items run once: K samples of one prompt are often the same program, and a sandbox
-    start costs ~30 ms (measured: this halved the reward stage's gold labelling)."""
+    Identical items run once, and an item whose verdict this process already has (_VERDICTS)
+    does not run again: a sandbox start costs ~60 ms of the 2 cores."""
     def one(item):
         try:
             return run_code(item["code"], item["test"], item["entry_point"],
@@ -588,12 +598,16 @@ def run_code_batch(items, workers=4):
 
     def key(item):
         fields = ("code", "test", "entry_point", "timeout", "memory_mb")
-        return repr([item.get(f) for f in fields] if isinstance(item, dict) else item)
+        text = repr([item.get(f) for f in fields] if isinstance(item, dict) else item)
+        return hashlib.sha256(text.encode(errors="surrogatepass")).digest()
     keys = [key(item) for item in items]
-    distinct = dict(zip(keys, items))
+    todo = {k: item for k, item in zip(keys, items) if k not in _VERDICTS}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = dict(zip(distinct, pool.map(one, distinct.values())))
-    return [dict(results[k]) for k in keys]
+        fresh = dict(zip(todo, pool.map(one, todo.values())))
+    if len(_VERDICTS) + len(fresh) > _VERDICTS_MAX:
+        _VERDICTS.clear()
+    _VERDICTS.update((k, r) for k, r in fresh.items() if r.get("reason") not in _LOAD_DEPENDENT)
+    return [dict(fresh[k] if k in fresh else _VERDICTS[k]) for k in keys]
 
 
 def extract_code(response):

@@ -456,6 +456,7 @@ def test_batch_keeps_order_and_throughput():
 
 def test_batch_runs_identical_programs_once(monkeypatch):
     calls = []
+    monkeypatch.setattr(V, "_VERDICTS", {})
     monkeypatch.setattr(V, "run_code", lambda code, *a: calls.append(code) or {"passed": code == ADD})
     same = {"code": ADD, "test": ADD_TEST, "entry_point": "add"}
     other = dict(same, code="def add(a, b):\n    return 0\n")
@@ -464,3 +465,21 @@ def test_batch_runs_identical_programs_once(monkeypatch):
     assert sorted(calls) == sorted([ADD, other["code"]])
     results[0]["passed"] = "mutated"  # each caller gets its own copy
     assert results[2]["passed"] is True
+
+
+def test_batch_remembers_verdicts_but_not_timeouts(monkeypatch):
+    calls = []
+
+    def fake(code, *a):
+        calls.append(code)
+        return {"passed": False, "reason": "timeout" if "while" in code else "failed"}
+    monkeypatch.setattr(V, "_VERDICTS", {})
+    monkeypatch.setattr(V, "run_code", fake)
+    wrong = {"code": "def add(a, b):\n    return 0\n", "test": ADD_TEST, "entry_point": "add"}
+    slow = dict(wrong, code="def add(a, b):\n    while True: pass\n")
+    first = V.run_code_batch([wrong, slow])
+    again = V.run_code_batch([slow, wrong, dict(wrong, timeout=9.0)])
+    assert [r["reason"] for r in first] == ["failed", "timeout"]
+    assert [r["reason"] for r in again] == ["timeout", "failed", "failed"]
+    # the failure ran once; the timeout (load-dependent) ran again; another timeout is another run
+    assert sorted(calls) == sorted([wrong["code"], slow["code"], slow["code"], wrong["code"]])
