@@ -50,7 +50,7 @@ DEFAULTS = dict(
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
     batch_size=64, micro_batches=4, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
-    eval_tasks=200, threads=1, seed=0, device="auto", dtype="bf16",
+    eval_tasks=200, threads=0, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
@@ -386,8 +386,8 @@ def main(argv=None):
         fail(f"--div must be one of {sorted(DIVERGENCES)}, got {cfg['div']!r}")
     device, rank, world = setup(cfg)
     if device.type == "cpu" and cfg["threads"]:
-        # small matrices: a second intra-op thread barely helps alone and, on a shared CPU, makes
-        # every op wait for a busy core (generation measured 50x slower here with 2 threads)
+        # 0 keeps torch's default (every core: this stage 221 -> 121 s on 2 idle cores); on a CPU
+        # shared with other jobs, --threads 1 avoids every op waiting for a busy core
         torch.set_num_threads(cfg["threads"])
     t0 = time.time()
     try:

@@ -30,7 +30,7 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
     init="out/sft.pt", out="out/rm.pt", data=None, n_prompts=1600, n_val_prompts=280, val_frac=0.1,
-    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=8, epochs=2, lr=1e-3, warmup=10,
+    samples=4, pairing="all", temperature=1.0, label_noise=0.0, batch_size=8, epochs=3, lr=1e-3, warmup=10,
     weight_decay=0.0, grad_clip=1.0, margin=0.0, center_coef=0.01, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
