@@ -3,7 +3,9 @@
 --mode
   logit     token-level KD (Hinton et al. 2015): at every assistant token of the training
             conversations the student matches the teacher's whole next-token distribution,
-            under --div forward | reverse | jsd (--beta), temperature on both sides.
+            under --div forward | reverse | jsd (--beta), temperature on both sides, plus
+            --ce-weight x the cross-entropy on the data's own tokens (Hinton's hard-label term:
+            at 800 steps, math 0.30 -> 0.33 of the teacher's 0.34, tool 0.92 -> 0.995).
   seq       sequence-level KD (Kim & Rush 2016): fine-tune on the teacher's own answers to the
             training prompts, keeping only those a verifier accepts where the task has one
             (rejection-sampling distillation).
@@ -46,10 +48,10 @@ from sft import encode_all, make_batch, val_conversations
 
 DEFAULTS = dict(
     init="out/rlvr.pt", out="out/student.pt", data=None, n_train=20000, n_val=200,
-    mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.0,
+    mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.5,
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
-    batch_size=64, micro_batches=4, steps=500, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
+    batch_size=64, micro_batches=4, steps=800, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
     eval_tasks=200, threads=0, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
