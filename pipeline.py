@@ -20,7 +20,8 @@ STAGES = [
     ("pretrain", "pretrain.py", "base.pt", None, []),
     ("sft", "sft.py", "sft.pt", "base.pt", []),
     ("reward", "reward.py", "rm.pt", "sft.pt", []),
-    ("dpo", "dpo.py", "dpo.pt", "sft.pt", []),
+    # the reward stage's pairs are the ones dpo.py would sample (same model, prompts and seed)
+    ("dpo", "dpo.py", "dpo.pt", "sft.pt", ["--data", "{out}/prefs_reward.jsonl"]),
     ("ppo", "ppo.py", "ppo.pt", "dpo.pt", ["--rm", "{out}/rm.pt"]),
     ("grpo", "grpo.py", "grpo.pt", "dpo.pt", ["--rm", "{out}/rm.pt"]),
     ("rlvr", "rlvr.py", "rlvr.pt", "ppo.pt", []),
