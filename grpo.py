@@ -44,7 +44,7 @@ DEFAULTS = dict(
     advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=64,
     eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.2,
     dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0, rollout_chunk=0,
-    lr=2e-5, warmup=3, weight_decay=0.0, grad_clip=1.0,
+    lr=1e-5, warmup=3, weight_decay=0.0, grad_clip=1.0,
     gold_every=5, eval_tasks=50,
     seed=0, device="auto", dtype="bf16",
 )
