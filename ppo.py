@@ -33,7 +33,7 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
     init="out/dpo.pt", out="out/ppo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
-    critic_init="rm", steps=40, batch_size=64, max_new_tokens=96, temperature=1.0,
+    critic_init="rm", steps=32, batch_size=64, max_new_tokens=96, temperature=1.0,
     epochs=2, minibatches=2, micro_batch=64, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
     kl_coef=0.1, kl_target=0.0, kl_horizon=10000, missing_eos_penalty=1.0,
     lr=1e-5, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
