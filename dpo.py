@@ -8,7 +8,8 @@ Data: gold-labelled pairs sampled from the init model (reward.sample_preference_
 per prompt, all 6 comparisons, the same pairs reward.py trains the reward model on, so DPO and
 RLHF learn from one preference dataset; measured against 2 samples' one pair per prompt: sampled
 win rate vs SFT 0.59 -> 0.63, over-refusal 0.14 -> 0.05), or --data in the preference format
-{"prompt", "chosen", "rejected"}, or for KTO the unpaired format {"prompt", "completion", "label"}. The implicit reward of a response is
+{"prompt", "chosen", "rejected"}, or for KTO the unpaired format {"prompt", "completion",
+"label"}. The implicit reward of a response is
 beta * (log pi(y|x) - log pi_ref(y|x)) (DPO, Rafailov et al. 2023, sec. 5). The reference is the
 frozen init model: the policy starts as that model, so its log-probs are computed once with the
 policy before the first step and no second network is kept in memory.

@@ -601,13 +601,15 @@ def run_code_batch(items, workers=4):
         text = repr([item.get(f) for f in fields] if isinstance(item, dict) else item)
         return hashlib.sha256(text.encode(errors="surrogatepass")).digest()
     keys = [key(item) for item in items]
-    todo = {k: item for k, item in zip(keys, items) if k not in _VERDICTS}
+    known = {k: _VERDICTS[k] for k in keys if k in _VERDICTS}
+    todo = {k: item for k, item in zip(keys, items) if k not in known}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         fresh = dict(zip(todo, pool.map(one, todo.values())))
     if len(_VERDICTS) + len(fresh) > _VERDICTS_MAX:
         _VERDICTS.clear()
     _VERDICTS.update((k, r) for k, r in fresh.items() if r.get("reason") not in _LOAD_DEPENDENT)
-    return [dict(fresh[k] if k in fresh else _VERDICTS[k]) for k in keys]
+    results = {**known, **fresh}
+    return [dict(results[k]) for k in keys]
 
 
 def extract_code(response):

@@ -483,3 +483,13 @@ def test_batch_remembers_verdicts_but_not_timeouts(monkeypatch):
     assert [r["reason"] for r in again] == ["timeout", "failed", "failed"]
     # the failure ran once; the timeout (load-dependent) ran again; another timeout is another run
     assert sorted(calls) == sorted([wrong["code"], slow["code"], slow["code"], wrong["code"]])
+
+
+def test_batch_survives_a_full_memo(monkeypatch):
+    monkeypatch.setattr(V, "_VERDICTS", {})
+    monkeypatch.setattr(V, "_VERDICTS_MAX", 2)
+    monkeypatch.setattr(V, "run_code", lambda code, *a: {"passed": code == ADD, "reason": "failed"})
+    items = [{"code": c, "test": ADD_TEST, "entry_point": "add"} for c in (ADD, "x = 1", "x = 2")]
+    V.run_code_batch(items[:1])  # remembered; the next batch overflows the memo and clears it
+    assert [r["passed"] for r in V.run_code_batch(items)] == [True, False, False]
+    assert len(V._VERDICTS) == 2
