@@ -305,14 +305,14 @@ def batch_loss(model, student, teacher, ids, mask, mode, cfg, hard=0.0):
     hard-label term; only for data batches, never for the student's own samples)."""
     m = mask[:, 1:].bool()
     hs = model(ids[:, :-1])[m]  # response positions only: prompt and padding never enter
-    ce = -token_logprobs(hs, student.lm_head.weight, ids[:, 1:][m]).sum()
+    ce = lambda: -token_logprobs(hs, student.lm_head.weight, ids[:, 1:][m]).sum()  # only when used
     if mode in ("sft", "seq"):  # hard labels: the data's tokens, or the teacher's own samples
-        return ce
+        return ce()
     with torch.no_grad():
         ht = teacher(ids[:, :-1])[m]
     kd = kd_loss(hs, student.lm_head.weight, ht, teacher.lm_head.weight, cfg["div"], cfg["beta"],
                  cfg["temperature"], cfg["top_k"], cfg["chunk"])
-    return kd + hard * ce if hard else kd
+    return kd + hard * ce() if hard else kd
 
 
 @torch.no_grad()
