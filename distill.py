@@ -47,7 +47,7 @@ from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpo
 from sft import encode_all, make_batch, val_conversations
 
 DEFAULTS = dict(
-    init="out/rlvr.pt", out="out/student.pt", data=None, n_train=20000, n_val=200,
+    init="out/rlvr.pt", out="out/student.pt", data=None, noise=False, n_train=20000, n_val=200,
     mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.5,
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
@@ -237,9 +237,12 @@ def make_student(teacher, tok, cfg, calib, device):
 
 def load_conversations(cfg):
     """Training conversations: --data (messages or prompt/completion JSONL) or the built-in
-    world's clean demonstrations (noise=False: the student should learn answers, not the noise)."""
+    world's clean demonstrations (the student should learn answers, not the noise). --noise true
+    uses them as sft.py does, imperfections included: then the hard-label baseline learns the
+    imperfections back (math demos that skip the working) while the student learns what the
+    teacher made of them, but sees fewer workings to learn the arithmetic from."""
     if cfg["data"] is None:
-        return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"], noise=False)]
+        return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"], noise=cfg["noise"])]
     if not os.path.exists(cfg["data"]):
         fail(f"{cfg['data']}: no such file")
     try:
