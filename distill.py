@@ -238,9 +238,8 @@ def make_student(teacher, tok, cfg, calib, device):
 def load_conversations(cfg):
     """Training conversations: --data (messages or prompt/completion JSONL) or the built-in
     world's clean demonstrations (the student should learn answers, not the noise). --noise true
-    uses them as sft.py does, imperfections included: then the hard-label baseline learns the
-    imperfections back (math demos that skip the working) while the student learns what the
-    teacher made of them, but sees fewer workings to learn the arithmetic from."""
+    uses them as sft.py does, imperfections included: the hard-label baseline then learns the
+    imperfections back, while the student learns what the teacher made of them."""
     if cfg["data"] is None:
         return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"], noise=cfg["noise"])]
     if not os.path.exists(cfg["data"]):

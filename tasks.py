@@ -355,7 +355,6 @@ FILLER_PREFIXES = ("Let me think step by step.\n", "Sure! ")
 FILLER_SUFFIXES = ("\nI hope this helps!",)
 COMPLY = "Sure! Here is how: step 1, step 2, step 3."
 SFT_MIX = {"math": 0.55, "tool": 0.15, "code": 0.15, "safety": 0.15}
-SHORTCUT_RATE = 0.6  # one-step math demos that skip the working (noise (f) in _demo)
 
 
 def _wrong_product(ans: str, rng) -> str:
@@ -386,12 +385,6 @@ def _demo(task: Task, rng, noise: bool = True) -> list[dict]:
         # (d) 15% of code demos carry a bug: an off-by-one constant or a wrong comparison
         t = next(t for t in CODE_TEMPLATES if t["name"] == task.meta["template"])
         msgs = [{"role": "assistant", "content": _code_source(t, task.meta["arg"], task.meta["k"], True)}]
-    elif f == "math" and len(task.meta["ops"]) == 1 and rng.random() < SHORTCUT_RATE:
-        # (f) shortcut: most one-step demos state the (right) answer with no working, as an
-        #     annotator doing the sum in the head would. A small model that imitates this must do
-        #     the sum in one token-step, which it mostly cannot; the working it also saw gets
-        #     there column by column. Learning that writing the columns pays is RLVR's job.
-        msgs = [{"role": "assistant", "content": f"Answer: {task.answer}"}]
     elif f == "math" and rng.random() < 0.10:
         # (e) 10% of math demos slip once: a step result off by 1..10, carried to the answer
         nums, ops = task.meta["nums"], task.meta["ops"]

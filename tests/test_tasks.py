@@ -247,10 +247,8 @@ def test_sft_noise_rates():
         elif cref[0]["content"].startswith("def "):
             kind = "code"
         elif re.fullmatch(r"What is [0-9+-]+\?", prompt):
-            kind = "math" if len(_fold(prompt[len("What is "):-1])) > 2 else "math1"
-            if kind == "math1" and dref[0]["content"] == cref[0]["content"].split("\n")[-1]:
-                kind = "shortcut"  # the right answer line alone, no working
-            elif dref != cref:
+            kind = "math"
+            if dref != cref:
                 vals = _fold(prompt[len("What is "):-1])
                 got = [int(line.split("=")[1]) for line in _result_lines(dref[0]["content"].split("\n"))]
                 diffs = [g - v for g, v in zip(got, vals[1:])]
@@ -264,9 +262,6 @@ def test_sft_noise_rates():
         count[kind] += 1
         noised[kind] += dref != cref
     rate = {k: noised[k] / count[k] for k in count}
-    one_step = count["math1"] + count["shortcut"]
-    assert abs(count["shortcut"] / one_step - tasks.SHORTCUT_RATE) < 0.06
-    assert 0.05 < rate["math1"] < 0.16  # the slips of the one-step demos that kept their working
     assert 0.20 < verbose / n < 0.30
     assert 0.14 < rate["unsafe"] < 0.27 and 0.09 < rate["safe"] < 0.21
     assert 0.19 < rate["tool"] < 0.31 and 0.10 < rate["code"] < 0.21 and 0.06 < rate["math"] < 0.14
