@@ -10,6 +10,7 @@ temperature 1), RM score, KL to SFT, and pass@k before and after RLVR.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -95,6 +96,51 @@ def sample_texts(model, tok, task_list, seed=0):
     preference optimisation and RL change (greedy decoding shows only its mode)."""
     device = next(model.parameters()).device
     return respond(model, tok, task_list, temperature=1.0, generator=torch.Generator(device=device).manual_seed(seed))[0]
+
+
+# ----------------------------------------------------------------------------- math failures
+
+_COLUMN_LINE = re.compile(r"(\d+)([+-])(\d)([+-])([01])=(\d+)")  # '7+4+0=11', '14-7-1=6'
+_STEP_LINE = re.compile(r"\d+[+-]\d+=\d+")                        # '57+38=95'
+MATH_FAILURES = ("no working", "column fact", "column digits", "step result", "answer", "other")
+
+
+def math_failure(task, response):
+    """Where a math response first leaves the task's reference working, as one of
+    MATH_FAILURES, or None if its answer is right:
+      no working     only an answer line;
+      column fact    a column line whose own sum is false ('7+4+0=12');
+      column digits  a true sum of the wrong digits or carry ('7+5+0=12' for '7+4+0=11');
+      step result    an 'a+b=r' line that does not read its columns right;
+      answer         the working is the reference's, the answer line is not;
+      other          anything else (a missing or extra line, filler, another format)."""
+    if verifiers.verify_math(response, task.answer):
+        return None
+    got = [l.strip() for l in tasks._clean(response).splitlines() if l.strip()]
+    ref = task.reference_text().splitlines()
+    if len(got) <= 1:
+        return "no working"
+    i = next((i for i, (g, r) in enumerate(zip(got, ref)) if g != r), min(len(got), len(ref)))
+    line = got[i] if i < len(got) else ""
+    column = _COLUMN_LINE.fullmatch(line)
+    if column:
+        x, op, y, _, c, s = column.groups()
+        true = int(x) + int(y) + int(c) if op == "+" else int(x) - int(y) - int(c)
+        return "column digits" if true == int(s) else "column fact"
+    if _STEP_LINE.fullmatch(line):
+        return "step result"
+    if i == len(ref) - 1 and line.startswith("Answer:"):
+        return "answer"
+    return "other"
+
+
+def math_failures(task_list, texts):
+    """Counts of math_failure over the math tasks (and 'right')."""
+    counts = {"right": 0, **{k: 0 for k in MATH_FAILURES}}
+    for t, x in zip(task_list, texts):
+        if t.family == "math":
+            counts[math_failure(t, x) or "right"] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -12,8 +12,9 @@ Each step (the GRPO loop of grpo.py, with verifiers as the reward):
     reward = verifier verdict x format gate (+ overlong shaping, math step credit)     score
     [dynamic sampling: drop groups whose rewards are all equal, draw more]              sample_groups
     advantages (group-relative, RLOO, REINFORCE++, or PPO's critic + GAE), update       grpo / ppo
-and before/after the run: greedy accuracy per family, the no-tool accuracy on tool tasks, and
-unbiased pass@k (passk_eval, also used by evaluate.py).
+and before/after the run: greedy accuracy per family, where wrong math answers first go wrong
+(evaluate.math_failure), the no-tool accuracy on tool tasks, and unbiased pass@k (passk_eval,
+also used by evaluate.py).
 
 --algo picks the settings of a published recipe (ALGOS below); any of them can be overridden by
 its flag (--advantage, --loss-agg, --eps-high, --kl, --beta, --kl-reward, --dynamic-sampling,
@@ -443,12 +444,15 @@ def passk_eval(model, tok, families=("math", "code", "tool"), n_problems=20, n_s
 @torch.no_grad()
 def evaluate_model(model, tok, cfg, cache):
     """Greedy test-split metrics (evaluate.quick_eval: math_acc, code_pass1, tool_acc, ...), the
-    tool tasks answered with tools off (tool_acc_no_tools: can it do them in its head?), pass@k."""
+    tool tasks answered with tools off (tool_acc_no_tools: can it do them in its head?), the
+    math answers counted by where they first go wrong (math_failures), pass@k."""
     import evaluate
     m = evaluate.quick_eval(model, tok, cfg["eval_n"], split="test")
     tool = [t for t in tasks.eval_tasks("test", cfg["eval_n"]) if t.family == "tool"]
     out = generate_responses(model, tok, [t.prompt for t in tool], CAPS["tool"], 0.0, tools=False)
     m["tool_acc_no_tools"] = sum(verifiers.verify_math(clean(x), t.answer) for t, x in zip(tool, out["texts"])) / len(tool)
+    math = [t for t in tasks.eval_tasks("test", cfg["eval_n"]) if t.family == "math"]
+    m["math_failures"] = evaluate.math_failures(math, evaluate.respond(model, tok, math)[0])
     if cfg["passk_problems"]:
         m.update(passk_eval(model, tok, n_problems=cfg["passk_problems"], n_samples=cfg["passk_samples"],
                             seed=cfg["seed"], cache=cache))
@@ -459,6 +463,10 @@ def print_before_after(before, after):
     keys = ["math_acc", "code_pass1", "tool_acc", "tool_acc_no_tools", "format", "refusal_unsafe", "overrefusal_safe"]
     for k in [k for k in keys if k in after] + sorted(k for k in after if "_pass@" in k):
         print(f"rlvr: {k:18s} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
+    if "math_failures" in after:  # where wrong math answers first go wrong (evaluate.math_failure)
+        counts = lambda m: ", ".join(f"{k} {v}" for k, v in m.items() if v)
+        print(f"rlvr: math answers by first error, before: {counts(before.get('math_failures', {}))}")
+        print(f"rlvr: math answers by first error, after:  {counts(after['math_failures'])}")
 
 
 # ----------------------------------------------------------------------------- main

@@ -7,6 +7,7 @@ import sys
 import torch
 
 import evaluate
+import tasks
 from conftest import ROOT, run_script
 from data import render_chat
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs
@@ -43,6 +44,26 @@ def refuser(tok):
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def test_math_failure_names_the_first_wrong_line():
+    # 75+47: reference '5+7+0=12', '7+4+1=12', '75+47=122', 'Answer: 122'
+    t = tasks.Task("math", "What is 75+47?", "122", [{"role": "assistant", "content": "\n".join(
+        tasks._columns(75, "+", 47)[0] + ["75+47=122", "Answer: 122"])}])
+    assert t.reference_text().splitlines()[:2] == ["5+7+0=12", "7+4+1=12"]
+    cases = {
+        "5+7+0=12\n7+4+1=12\n75+47=122\nAnswer: 122": None,
+        "Answer: 121": "no working",
+        "5+7+0=13\n7+4+1=13\n75+47=133\nAnswer: 133": "column fact",
+        "5+7+0=12\n7+4+0=11\n75+47=112\nAnswer: 112": "column digits",  # the carry dropped
+        "5+7+0=12\n7+4+1=12\n75+47=121\nAnswer: 121": "step result",
+        "5+7+0=12\n7+4+1=12\n75+47=122\nAnswer: 123": "answer",
+        "Sure! 5+7+0=12\nAnswer: 12": "other",
+    }
+    for response, want in cases.items():
+        assert evaluate.math_failure(t, response) == want, response
+    counts = evaluate.math_failures([t] * len(cases), list(cases))
+    assert counts["right"] == 1 and sum(counts.values()) == len(cases) and counts["column fact"] == 1
 
 
 def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
