@@ -108,7 +108,7 @@ MATH_FAILURES = ("no working", "column fact", "column digits", "step result", "a
 def math_failure(task, response):
     """Where a math response first leaves the task's reference working, as one of
     MATH_FAILURES, or None if its answer is right:
-      no working     only an answer line;
+      no working     one line at most (the answer alone);
       column fact    a column line whose own sum is false ('7+4+0=12');
       column digits  a true sum of the wrong digits or carry ('7+5+0=12' for '7+4+0=11');
       step result    an 'a+b=r' line that does not read its columns right;

@@ -270,7 +270,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         h, w, targets, lse = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         g = g.float() / T
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
             gs = g[s:s + chunk, None]

@@ -340,7 +340,7 @@ def test_sequence_logprobs_matches_naive(model, tok):
     (ref * up).sum().backward()
     assert torch.allclose(lp, ref, atol=1e-5, rtol=0)
     for n, p in model.named_parameters():
-        # float32 rounding, measured against the tensor's scale: the kernel sums in another order
+        # float32 rounding, against the tensor's scale: the kernel applies 1/T at another point
         assert (grads[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max().clamp(min=1.0), n
 
 
