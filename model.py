@@ -290,7 +290,7 @@ class _ChunkedLogprob(torch.autograd.Function):
 def _chunked_entropy(h, w, temperature, chunk):
     out = torch.empty(h.shape[0], device=h.device)
     for s in range(0, h.shape[0], chunk):
-        logp = torch.log_softmax((h[s:s + chunk] @ w.t()).float() / temperature, -1)
+        logp = torch.log_softmax(_logits(h[s:s + chunk], w, temperature), -1)
         out[s:s + chunk] = -(logp.exp() * logp).sum(-1)
     return out
 

@@ -443,16 +443,18 @@ def passk_eval(model, tok, families=("math", "code", "tool"), n_problems=20, n_s
 
 @torch.no_grad()
 def evaluate_model(model, tok, cfg, cache):
-    """Greedy test-split metrics (evaluate.quick_eval: math_acc, code_pass1, tool_acc, ...), the
-    tool tasks answered with tools off (tool_acc_no_tools: can it do them in its head?), the
-    math answers counted by where they first go wrong (math_failures), pass@k."""
+    """Greedy test-split metrics (as evaluate.quick_eval: math_acc, code_pass1, tool_acc, ...),
+    the math answers counted by where they first go wrong (math_failures, from the same greedy
+    answers), the tool tasks answered with tools off (tool_acc_no_tools: can it do them in its
+    head?), pass@k."""
     import evaluate
-    m = evaluate.quick_eval(model, tok, cfg["eval_n"], split="test")
-    tool = [t for t in tasks.eval_tasks("test", cfg["eval_n"]) if t.family == "tool"]
+    task_list = tasks.eval_tasks("test", cfg["eval_n"])
+    texts, lengths = evaluate.respond(model, tok, task_list)
+    m = evaluate.score_responses(task_list, texts, lengths)
+    m["math_failures"] = evaluate.math_failures(task_list, texts)
+    tool = [t for t in task_list if t.family == "tool"]
     out = generate_responses(model, tok, [t.prompt for t in tool], CAPS["tool"], 0.0, tools=False)
     m["tool_acc_no_tools"] = sum(verifiers.verify_math(clean(x), t.answer) for t, x in zip(tool, out["texts"])) / len(tool)
-    math = [t for t in tasks.eval_tasks("test", cfg["eval_n"]) if t.family == "math"]
-    m["math_failures"] = evaluate.math_failures(math, evaluate.respond(model, tok, math)[0])
     if cfg["passk_problems"]:
         m.update(passk_eval(model, tok, n_problems=cfg["passk_problems"], n_samples=cfg["passk_samples"],
                             seed=cfg["seed"], cache=cache))
