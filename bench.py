@@ -25,8 +25,8 @@ from common import autocast, make_optimizer, parse_config, pick_device, train_fl
 from data import Tokenizer
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs, token_logprobs
 
-DEFAULT_MODEL = dict(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128)
-GPU_MODEL = dict(vocab_size=4096, block_size=512, n_layer=12, n_head=12, n_embd=768)  # pretrain.py --preset gpu
+DEFAULT_MODEL = dict(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128, pos_embedding="rope")
+GPU_MODEL = dict(vocab_size=4096, block_size=512, n_layer=12, n_head=12, n_embd=768, pos_embedding="rope")  # pretrain.py --preset gpu
 
 
 def sync(device):
@@ -183,7 +183,7 @@ def bench_models(folder, quick, init=None):
     if init:
         ckpt = load_checkpoint(init)
         shape = {k: getattr(ckpt["model"].config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                 "n_embd")}
+                                                                 "n_embd", "pos_embedding")}
         save_random_rm(rm_path, ckpt["tokenizer"], shape)
         return init, rm_path, f"{init} + a random RM"
     if not quick and os.path.exists(grpo.DEFAULTS["init"]) and os.path.exists(grpo.DEFAULTS["rm"]):

@@ -188,7 +188,7 @@ def prune_from_teacher(student, teacher, ids, valid):
     ch = top(channel, sc.n_embd)
     layers = torch.linspace(0, tc.n_layer - 1, sc.n_layer).round().long().tolist()  # first..last, evenly
     T, sd = teacher.state_dict(), {}
-    for name in ("wte", "wpe"):
+    for name in ("wte", "wpe")[:1 + (tc.pos_embedding == "learned")]:
         sd[f"transformer.{name}.weight"] = T[f"transformer.{name}.weight"][:, ch]
     sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied, as in the teacher
     for name in ("weight", "bias"):
@@ -224,7 +224,7 @@ def make_student(teacher, tok, cfg, calib, device):
     heads = cfg["student_heads"] or max(1, width // (tc.n_embd // tc.n_head))
     torch.manual_seed(cfg["seed"])  # the student and the baseline start from the same weights
     student = GPT(GPTConfig(vocab_size=tc.vocab_size, block_size=tc.block_size, n_layer=cfg["student_layers"],
-                            n_head=heads, n_embd=width))
+                            n_head=heads, n_embd=width, pos_embedding=tc.pos_embedding, rope_theta=tc.rope_theta))
     how = "random init"
     if cfg["student_init"] == "teacher":
         ids = calib.to(device)

@@ -1,8 +1,10 @@
 """GPT (the GPT-2 architecture), the KV-cache sampler, the chunked log-prob kernel, checkpoints.
 
 GPT-2's layout and parameter names (transformer.wte/wpe/h.N.attn.c_attn/...), so real GPT-2
-weights map onto it one to one. Learned positions are taken from the attention mask, so a
-left-padded batch gives every row the positions it would have alone.
+weights map onto it one to one. Positions are taken from the attention mask, so a left-padded
+batch gives every row the positions it would have alone. They are GPT-2's learned position
+embeddings (`pos_embedding="learned"`) or rotary embeddings (`"rope"`, Su et al. 2021, as in
+Llama), which the built-in world trains with: see pretrain.py for why.
 """
 import dataclasses
 import math
@@ -23,6 +25,24 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     scalar_head: bool = False  # a linear head giving one number per position (reward / value)
+    pos_embedding: str = "learned"  # "learned" (GPT-2's wpe) or "rope" (rotary, no wpe)
+    rope_theta: float = 10000.0
+
+
+def rope_angles(pos, head_dim, theta):
+    """Positions (B, T) -> (cos, sin), each (B, 1, T, head_dim/2): angle pos * theta^(-2i/head_dim)
+    for frequency i (RoFormer, Su et al. 2021, eq. 15)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos[:, None, :, None].float() * inv_freq
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, H, T, D) by its angle: the half-split layout of
+    GPT-NeoX and Llama. Rotating q and k alike makes q_m . k_n depend only on m - n."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 angles; bf16 under autocast, as q and v
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Attention(nn.Module):
@@ -33,10 +53,12 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask, cache, layer):
+    def forward(self, x, mask, cache, layer, rope):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # before caching: cached keys keep their own positions' rotation
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         p = self.dropout if self.training else 0.0
@@ -57,8 +79,8 @@ class Block(nn.Module):
                                       c_proj=nn.Linear(4 * cfg.n_embd, cfg.n_embd)))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache, layer):
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer))
+    def forward(self, x, mask, cache, layer, rope):
+        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, rope))
         h = F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh")  # GPT-2's GELU
         return x + self.drop(self.mlp.c_proj(h))
 
@@ -100,10 +122,15 @@ def attention_mask(key_valid, T):
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        if cfg.pos_embedding not in ("learned", "rope"):
+            raise ValueError(f"pos_embedding must be 'learned' or 'rope', not {cfg.pos_embedding!r}")
+        if cfg.pos_embedding == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, not {cfg.n_embd // cfg.n_head}")
         self.config = cfg
+        learned = cfg.pos_embedding == "learned"  # wpe keeps its place: GPT-2 models initialise as before
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **(dict(wpe=nn.Embedding(cfg.block_size, cfg.n_embd)) if learned else {}),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd)))
@@ -127,7 +154,7 @@ class GPT(nn.Module):
     def num_params(self, embeddings=True):
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= sum(e.weight.numel() for name, e in self.transformer.items() if name in ("wte", "wpe"))
         return n
 
     def forward(self, idx, attn_mask=None, cache=None):
@@ -146,9 +173,14 @@ class GPT(nn.Module):
             mask = attention_mask(attn_mask, T)
         if past + T > self.config.block_size:  # shapes only: no host sync
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.pos_embedding == "rope":
+            rope = rope_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i)
+            x = block(x, mask, cache, i, rope)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)
@@ -438,8 +470,10 @@ def export_hf(model, tok, folder):
     """Write a checkpoint's model and tokenizer in Hugging Face GPT-2 format."""
     import json
     from data import save_gpt2_tokenizer
-    os.makedirs(folder, exist_ok=True)
     c = model.config
+    if c.pos_embedding != "learned":
+        raise ValueError(f"GPT-2 format has learned positions only; this model uses {c.pos_embedding}")
+    os.makedirs(folder, exist_ok=True)
     config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
                   n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                   n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
@@ -460,5 +494,8 @@ if __name__ == "__main__":  # python model.py export CKPT DIR
     if len(sys.argv) != 4 or sys.argv[1] != "export":
         sys.exit("usage: python model.py export CHECKPOINT.pt OUTPUT_DIR   (Hugging Face GPT-2 format)")
     ck = load_checkpoint(sys.argv[2])
-    export_hf(ck["model"], ck["tokenizer"], sys.argv[3])
+    try:
+        export_hf(ck["model"], ck["tokenizer"], sys.argv[3])
+    except ValueError as e:
+        sys.exit(f"{sys.argv[2]}: {e}")
     print(f"exported {sys.argv[2]} to {sys.argv[3]} (config.json, pytorch_model.bin, vocab.json, merges.txt)")

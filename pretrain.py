@@ -4,6 +4,13 @@ Nothing can be downloaded, so the seed of the pipeline is a base model made here
 built-in world's plain-text corpus (worked arithmetic, code, Q&A). It knows the material but
 not the chat format: that is SFT's job.
 
+Positions are rotary (`--pos-embedding rope`) rather than GPT-2's learned table: a column of a
+worked sum needs "the digits 3 and 5 tokens back" wherever the column sits, and a 4x128 model
+with learned positions learns that lookup slowly (the ~400 column facts at varying offsets:
+4-16% right after 400 steps, loss 0.57), while with rotary positions, whose attention scores
+depend only on the distance, the same run reaches the loss of facts at a fixed offset (0.07).
+`--pos-embedding learned` keeps the GPT-2 architecture exactly (and its Hugging Face export).
+
     python pretrain.py [--preset tiny|cpu|gpu] [--data corpus.txt|corpus.jsonl] [--out out/base.pt]
 """
 import os
@@ -20,7 +27,7 @@ from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_log
 
 DEFAULTS = dict(
     out="out/base.pt", data=None, tokenizer="bpe", vocab_size=1024, n_docs=6000,
-    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0,
+    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, pos_embedding="rope",
     seq_len=128, batch_size=64, grad_accum=1, steps=200, lr=1e-3, warmup=30, weight_decay=0.1,
     grad_clip=1.0, eval_every=100, save_every=100, stop_after=0, resume=False,
     seed=0, device="auto", dtype="bf16", compile=False,
@@ -99,8 +106,12 @@ def main(argv=None):
     train_stream, val_stream = token_stream(tok, train_docs), token_stream(tok, val_docs)
 
     mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                     n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])
-    model = (resume_ckpt["model"] if resume_ckpt else GPT(mcfg)).to(device).train()
+                     n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
+                     pos_embedding=cfg["pos_embedding"])
+    try:
+        model = (resume_ckpt["model"] if resume_ckpt else GPT(mcfg)).to(device).train()
+    except ValueError as e:
+        fail(f"--pos-embedding / model shape: {e}")
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
     if resume_ckpt and resume_ckpt["optimizer"]:
         opt.load_state_dict(resume_ckpt["optimizer"])

@@ -37,15 +37,15 @@ def tok():
     return t
 
 
-@pytest.fixture
-def model(tok):
+def tiny_gpt(tok, pos_embedding="learned"):
     """A tiny GPT (2 layers, 2 heads, 32 wide, block 64), seed 0, in eval mode.
 
     Weights are re-drawn larger than GPT-2's init: with tied embeddings and std 0.02 a random
     GPT greedily repeats its last token forever, which would let cache/padding bugs hide.
     """
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32,
+                      pos_embedding=pos_embedding))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name == "transformer.wte.weight":
@@ -55,6 +55,11 @@ def model(tok):
             elif p.dim() == 2:
                 p.normal_(0, 2.0 / p.shape[1] ** 0.5)
     return m.eval()
+
+
+@pytest.fixture
+def model(tok):
+    return tiny_gpt(tok)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

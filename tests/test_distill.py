@@ -129,9 +129,10 @@ def test_chunked_kd_loss_equals_one_chunk_with_gradients(top_k):
 
 # ----------------------------------------------------------------------------- masking
 
-def tiny_gpt(seed, layers=2, width=32, vocab=50):
+def tiny_gpt(seed, layers=2, width=32, vocab=50, pos_embedding="learned"):
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=layers, n_head=2, n_embd=width))
+    m = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=layers, n_head=2, n_embd=width,
+                      pos_embedding=pos_embedding))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
@@ -170,10 +171,11 @@ def test_prompt_and_padding_contribute_nothing():
 
 # ----------------------------------------------------------------------------- student from teacher
 
-def test_pruning_to_the_full_size_reproduces_the_teacher():
-    teacher = tiny_gpt(2, layers=3)
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+def test_pruning_to_the_full_size_reproduces_the_teacher(pos_embedding):
+    teacher = tiny_gpt(2, layers=3, pos_embedding=pos_embedding)
     ids = torch.randint(1, 50, (4, 12))
-    student = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=3, n_head=2, n_embd=32))
+    student = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=3, n_head=2, n_embd=32, pos_embedding=pos_embedding))
     assert prune_from_teacher(student, teacher, ids, ids > 0) == [0, 1, 2]
     with torch.no_grad():
         assert torch.allclose(student.logits(ids), teacher.logits(ids), atol=1e-5)

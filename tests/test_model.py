@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
+from conftest import tiny_gpt
 from data import pad_prompts, render_prompt
-from model import (CheckpointError, GPTConfig, KVCache, attention_mask, load_checkpoint,
-                   sample_token, save_checkpoint, sequence_logprobs, token_logprobs)
+from model import (GPT, CheckpointError, GPTConfig, KVCache, apply_rope, attention_mask, load_checkpoint,
+                   rope_angles, sample_token, save_checkpoint, sequence_logprobs, token_logprobs)
 
 PROMPTS = ["hi", "What is 12+34?", "def add_7(x):\n    return x + 7",
            "for i in range(10):\n    print(i * 3)"]
@@ -78,6 +79,58 @@ def gen(model, tok, prompt_list, n, **kw):
     return model.generate(ids, mask, n, **kw)
 
 
+@pytest.fixture(params=["learned", "rope"])
+def model(request, tok):
+    """Every test here runs on both position schemes: padding, cache and sampler must not care."""
+    return tiny_gpt(tok, request.param)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def test_rope_rotates_pairs_by_hand_computed_angles():
+    # head size 4: frequencies theta^0 = 1 and theta^(-1/2) = 1/10 for theta = 100
+    cos, sin = rope_angles(torch.tensor([[3]]), 4, 100.0)
+    assert torch.allclose(cos.flatten(), torch.tensor([math.cos(3), math.cos(0.3)]))
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)  # pairs (x0, x2) = (1, 3), (x1, x3) = (2, 4)
+    y = apply_rope(x, cos, sin).flatten()
+    a, b = 3.0, 0.3
+    want = [1 * math.cos(a) - 3 * math.sin(a), 2 * math.cos(b) - 4 * math.sin(b),
+            1 * math.sin(a) + 3 * math.cos(a), 2 * math.sin(b) + 4 * math.cos(b)]
+    assert torch.allclose(y, torch.tensor(want), atol=1e-6)
+    assert torch.allclose(y.norm(), x.norm())  # a rotation
+
+
+def test_rope_scores_depend_only_on_distance():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    def score(m, n):
+        return (apply_rope(q, *rope_angles(torch.tensor([[m]]), 8, 10000.0))
+                * apply_rope(k, *rope_angles(torch.tensor([[n]]), 8, 10000.0))).sum()
+    assert torch.allclose(score(5, 2), score(40, 37), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def test_rope_model_has_no_position_table_and_caches_rotated_keys(tok):
+    m = tiny_gpt(tok, "rope")
+    assert "transformer.wpe.weight" not in dict(m.named_parameters())
+    assert m.num_params(embeddings=False) == m.num_params() - m.transformer.wte.weight.numel()
+    ids, prefix = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 9, 9]])
+    with torch.no_grad():
+        full = m.logits(torch.cat([prefix, ids], 1))[:, 3:]
+        cache = KVCache(m.config, 1, 8, "cpu", torch.float32)
+        m(prefix, None, cache)  # the cached keys were rotated at positions 0-2
+        continued = m.lm_head(m(ids, None, cache))  # these at 3-6
+    assert torch.allclose(full, continued, atol=1e-5)
+
+
+def test_bad_position_scheme_raises():
+    with pytest.raises(ValueError, match="pos_embedding"):
+        GPT(GPTConfig(pos_embedding="alibi"))
+    with pytest.raises(ValueError, match="even head size"):
+        GPT(GPTConfig(n_embd=12, n_head=4, pos_embedding="rope"))
+
+
 # ----------------------------------------------------------------------------- attention
 
 def test_left_padded_logits_equal_row_alone(model, tok):
@@ -112,7 +165,8 @@ def test_right_padding_needs_no_mask(model, tok):
             assert torch.allclose(batch[i, :len(p)], model.logits(torch.tensor([p]))[0], atol=1e-5, rtol=0)
 
 
-def test_positions_come_from_the_mask(model):
+def test_positions_come_from_the_mask(tok):
+    model = tiny_gpt(tok, "learned")  # the positions are read where the learned table is looked up
     seen = []
     hook = model.transformer.wpe.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
     try:

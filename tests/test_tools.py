@@ -1,4 +1,5 @@
 """evaluate.py (intervals, gate), chat.py, GPT-2 export/import, bench.py --quick."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,10 +81,21 @@ def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
     assert "refusal_unsafe" in worse.stdout and "REGRESSION" in worse.stdout
 
 
+def export(ckpt_path, folder):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", ckpt_path, folder],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
 def test_export_then_import_gives_identical_logits_and_tokens(tiny_sft, tmp_path):
-    ck = load_checkpoint(tiny_sft / "sft.pt")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", tiny_sft / "sft.pt",
-                           tmp_path / "hf"], capture_output=True, text=True, cwd=ROOT)
+    rotary = load_checkpoint(tiny_sft / "sft.pt")
+    proc = export(tiny_sft / "sft.pt", tmp_path / "rope_hf")  # GPT-2's format can't hold rotary positions
+    assert proc.returncode != 0 and "sft.pt" in proc.stderr and "learned positions only" in proc.stderr
+    # the same weights with a (randomly initialised) learned position table: GPT-2's architecture
+    learned = GPT(dataclasses.replace(rotary["model"].config, pos_embedding="learned"))
+    learned.load_state_dict(rotary["model"].state_dict(), strict=False)
+    save_checkpoint(tmp_path / "learned.pt", learned, rotary["tokenizer"], "sft")
+    ck = load_checkpoint(tmp_path / "learned.pt")
+    proc = export(tmp_path / "learned.pt", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
     assert {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "hf"))
     back = load_checkpoint(f"gpt2:{tmp_path / 'hf'}")
