@@ -52,7 +52,7 @@ DEFAULTS = dict(
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
     batch_size=64, micro_batches=4, steps=800, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
-    eval_tasks=200, threads=0, seed=0, device="auto", dtype="bf16",
+    eval_tasks=150, threads=0, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,

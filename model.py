@@ -270,27 +270,36 @@ def sample_token(logits, temperature, top_k, top_p, generator=None):
 
 # ----------------------------------------------------------------------------- log-prob kernel
 
-def _logits(h, w, temperature):
-    """One chunk's float32 logits / T; the division in place, and skipped at T = 1."""
-    logits = (h @ w.t()).float()
+def _logits(h, w, temperature, buffer=None):
+    """One block's float32 logits / T; the division in place, and skipped at T = 1. With a
+    float32 `buffer` (flat, large enough) the product is written into it: one allocation for
+    all blocks, where a fresh 32 MB block each time costs page faults on CPU."""
+    if buffer is not None and h.dtype == w.dtype == buffer.dtype:
+        logits = torch.mm(h, w.t(), out=buffer[:h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0]))
+    else:
+        logits = (h @ w.t()).float()
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 class _ChunkedLogprob(torch.autograd.Function):
-    """log softmax(h W^T / T)[target], computed chunk by chunk.
+    """log softmax(h W^T / T)[target], computed block by block.
 
-    Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits. With
-    g the incoming gradient and p the softmax: dL/dlogits = g (onehot(target) - p) / T.
-    Every pass over a (chunk x vocab) block is done in place (at dim 128 such passes cost as
-    much as the matmuls), and the backward's 1/T rides on the per-token g.
+    Forward, `chunk` tokens at a time, keeps only the per-token logsumexp. Backward recomputes
+    the logits a block of vocabulary rows at a time, for all tokens at once (the same number of
+    logits per block): with g the incoming gradient and p the softmax,
+    dL/dlogits = g (onehot(target) - p) / T, then grad_W[block] = dlogits^T h is one product
+    over every token, written once. (Token chunks would instead add a thin product into the
+    whole vocab x dim grad_W once per chunk: 15 GB of memory traffic at GPT-2 small's shape.)
+    Every pass over a block is done in place, and the backward's 1/T rides on the per-token g.
     """
 
     @staticmethod
     def forward(ctx, h, w, targets, temperature, chunk):
         lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         logp = torch.empty_like(lse)
+        buffer = torch.empty(min(chunk, h.shape[0]) * w.shape[0], device=h.device, dtype=torch.float32)
         for s in range(0, h.shape[0], chunk):
-            logits = _logits(h[s:s + chunk], w, temperature)
+            logits = _logits(h[s:s + chunk], w, temperature, buffer)
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
             logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
         ctx.save_for_backward(h, w, targets, lse)
@@ -300,22 +309,25 @@ class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, w, targets, lse = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
+        T, rows = ctx.temperature, max(1, ctx.chunk * w.shape[0] // h.shape[0])  # vocab rows per block
         g = g.float() / T
-        grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for s in range(0, h.shape[0], chunk):
-            gs = g[s:s + chunk, None]
-            p = _logits(h[s:s + chunk], w, T).sub_(lse[s:s + chunk, None]).exp_()  # softmax
-            d = p.mul_(-gs).scatter_add_(1, targets[s:s + chunk, None], gs).to(h.dtype)  # g (onehot - p) / T
+        grad_h = torch.zeros(h.shape, device=h.device, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty(w.shape, device=w.device, dtype=w.dtype) if ctx.needs_input_grad[1] else None
+        buffer = torch.empty(h.shape[0] * min(rows, w.shape[0]), device=h.device, dtype=torch.float32)
+        for v in range(0, w.shape[0], rows):
+            wb = w[v:v + rows]
+            p = _logits(h, wb, T, buffer).sub_(lse[:, None]).exp_()  # this block's columns of the softmax
+            in_block = (targets >= v) & (targets < v + rows)  # the onehot lands here for these tokens
+            col = (targets - v).clamp_(0, wb.shape[0] - 1)[:, None]
+            d = p.mul_(-g[:, None]).scatter_add_(1, col, (g * in_block)[:, None]).to(h.dtype)
             if grad_h is not None:
-                torch.mm(d, w, out=grad_h[s:s + chunk])
-            if grad_w is not None:
-                if d.dtype == grad_w.dtype:
-                    grad_w.addmm_(d.t(), h[s:s + chunk])
+                if d.dtype == wb.dtype == grad_h.dtype:
+                    grad_h.addmm_(d, wb)
                 else:
-                    grad_w += (d.t() @ h[s:s + chunk]).float()
-        return grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), None, None, None
+                    grad_h += (d @ wb).float()
+            if grad_w is not None:
+                grad_w[v:v + rows] = d.t() @ h
+        return (grad_h.to(h.dtype) if grad_h is not None else None), grad_w, None, None, None
 
 
 @torch.no_grad()
@@ -327,15 +339,15 @@ def _chunked_entropy(h, w, temperature, chunk):
     return out
 
 
-CHUNK_ELEMENTS = 2 ** 23  # logits per chunk (32 MB in float32); at vocab 50257 faster than 1024-row chunks
+CHUNK_ELEMENTS = 2 ** 23  # logits per block (32 MB in float32); at vocab 50257 faster than 1024-row chunks
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=None, entropy=False):
     """Per-token log p(target) under softmax(hidden @ weight.T / temperature).
 
     hidden (..., C), weight (V, C), targets (...) -> (...) float32. The (tokens x vocab) matrix
-    is never materialised whole: `chunk` rows at a time, in the forward and the backward (by
-    default CHUNK_ELEMENTS / vocab rows: 166 at GPT-2's 50257, 8192 at the built-in 1024).
+    is never materialised whole: blocks of chunk x vocab logits at a time (by default
+    chunk = CHUNK_ELEMENTS / vocab rows: 166 at GPT-2's 50257, 8192 at the built-in 1024).
     Gradients flow to hidden and weight. With entropy=True also returns the per-token entropy
     of the same distribution (no gradient: a logged diagnostic).
     Example: the log-prob of the next tokens of ids under a model is

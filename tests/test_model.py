@@ -343,7 +343,8 @@ def test_sample_token_hand_computed():
 @pytest.mark.parametrize("needs", ["both", "hidden", "weight"])
 def test_token_logprobs_matches_naive(temperature, needs):
     torch.manual_seed(0)
-    B, T, C, V = 3, 13, 16, 50  # 39 rows, chunk 8: the last chunk is partial
+    B, T, C, V = 3, 13, 16, 53  # 39 tokens in chunks of 8 (the last partial); the backward's
+    # blocks of 8 * 53 // 39 = 10 vocab rows (the last partial), each target in one of them
     h0, w0 = torch.randn(B, T, C), torch.randn(V, C) * 0.5
     targets = torch.randint(V, (B, T))
     up = torch.randn(B, T)  # random upstream gradient weights
