@@ -9,6 +9,7 @@ run; the RL step breakdown of grpo.py and ppo.py; wall time per stage of the las
 Timings are medians of repeats. The machines are noisy: nothing here is asserted by the tests.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -20,13 +21,21 @@ import time
 
 import torch
 
+import pretrain
 import tasks
 from common import autocast, make_optimizer, parse_config, pick_device, train_flops_per_token
 from data import Tokenizer
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs, token_logprobs
 
-DEFAULT_MODEL = dict(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128, pos_embedding="rope")
-GPU_MODEL = dict(vocab_size=4096, block_size=512, n_layer=12, n_head=12, n_embd=768, pos_embedding="rope")  # pretrain.py --preset gpu
+
+
+def preset_model(preset):
+    """The model shape pretrain.py builds for a preset (its vocab_size is the tokenizer's target)."""
+    cfg = {**pretrain.DEFAULTS, **pretrain.PRESETS[preset]}
+    return {k: cfg[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pos_embedding")}
+
+
+DEFAULT_MODEL, GPU_MODEL = preset_model("cpu"), preset_model("gpu")
 
 
 def sync(device):
@@ -165,9 +174,9 @@ def bench_training(device, quick, peak, compile_model=False):
                 mfu=tok_s * flops_per_token / peak, model_gflops=tok_s * flops_per_token / 1e9)
 
 
-def save_random_rm(path, tok, shape):
-    """A reward-model checkpoint of a random GPT of this shape (normalisation 0 / 1)."""
-    save_checkpoint(path, GPT(GPTConfig(scalar_head=True, **shape)), tok, "reward",
+def save_random_rm(path, tok, config):
+    """A reward-model checkpoint of a random GPT of this config's shape (normalisation 0 / 1)."""
+    save_checkpoint(path, GPT(dataclasses.replace(config, scalar_head=True)), tok, "reward",
                     extra=dict(reward_mean=0.0, reward_std=1.0))
 
 
@@ -182,9 +191,7 @@ def bench_models(folder, quick, init=None):
     rm_path = os.path.join(folder, "rm.pt")
     if init:
         ckpt = load_checkpoint(init)
-        shape = {k: getattr(ckpt["model"].config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                 "n_embd", "pos_embedding")}
-        save_random_rm(rm_path, ckpt["tokenizer"], shape)
+        save_random_rm(rm_path, ckpt["tokenizer"], ckpt["model"].config)
         return init, rm_path, f"{init} + a random RM"
     if not quick and os.path.exists(grpo.DEFAULTS["init"]) and os.path.exists(grpo.DEFAULTS["rm"]):
         return grpo.DEFAULTS["init"], grpo.DEFAULTS["rm"], f"{grpo.DEFAULTS['init']} + {grpo.DEFAULTS['rm']}"
@@ -192,8 +199,9 @@ def bench_models(folder, quick, init=None):
     size = dict(n_layer=2, n_head=2, n_embd=32, block_size=128) if quick else {}
     torch.manual_seed(0)
     paths = [os.path.join(folder, "policy.pt"), rm_path]
-    save_checkpoint(paths[0], GPT(GPTConfig(vocab_size=tok.vocab_size, **size)), tok, "random")
-    save_random_rm(paths[1], tok, dict(vocab_size=tok.vocab_size, **size))
+    config = GPTConfig(**{**DEFAULT_MODEL, **size, "vocab_size": tok.vocab_size})
+    save_checkpoint(paths[0], GPT(config), tok, "random")
+    save_random_rm(paths[1], tok, config)
     return paths[0], paths[1], f"random {'tiny' if quick else 'default-size'} models"
 
 

@@ -29,6 +29,7 @@ limits of JSD_b / b and JSD_b / (1-b).
     python distill.py [--init out/rlvr.pt] [--out out/student.pt] [--mode logit|seq|onpolicy|sft]
                       [--student-layers 3 --student-width 64 | --student-init CKPT] [--preset tiny|cpu|gpu]
 """
+import dataclasses
 import math
 import os
 import random
@@ -43,7 +44,7 @@ import tasks
 import verifiers
 from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
 from data import DataError, as_messages, generate_responses, pad, read_jsonl, response_messages
-from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
+from model import GPT, CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
 from sft import encode_all, make_batch, val_conversations
 
 DEFAULTS = dict(
@@ -188,7 +189,7 @@ def prune_from_teacher(student, teacher, ids, valid):
     ch = top(channel, sc.n_embd)
     layers = torch.linspace(0, tc.n_layer - 1, sc.n_layer).round().long().tolist()  # first..last, evenly
     T, sd = teacher.state_dict(), {}
-    for name in ("wte", "wpe")[:1 + (tc.pos_embedding == "learned")]:
+    for name in ("wte", "wpe")[:1 + ("wpe" in teacher.transformer)]:  # rotary models have no wpe
         sd[f"transformer.{name}.weight"] = T[f"transformer.{name}.weight"][:, ch]
     sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied, as in the teacher
     for name in ("weight", "bias"):
@@ -223,8 +224,8 @@ def make_student(teacher, tok, cfg, calib, device):
     width = cfg["student_width"] or tc.n_embd
     heads = cfg["student_heads"] or max(1, width // (tc.n_embd // tc.n_head))
     torch.manual_seed(cfg["seed"])  # the student and the baseline start from the same weights
-    student = GPT(GPTConfig(vocab_size=tc.vocab_size, block_size=tc.block_size, n_layer=cfg["student_layers"],
-                            n_head=heads, n_embd=width, pos_embedding=tc.pos_embedding, rope_theta=tc.rope_theta))
+    # the teacher's config but the shape: vocabulary, context and positions stay the teacher's
+    student = GPT(dataclasses.replace(tc, n_layer=cfg["student_layers"], n_head=heads, n_embd=width))
     how = "random init"
     if cfg["student_init"] == "teacher":
         ids = calib.to(device)

@@ -154,7 +154,7 @@ class GPT(nn.Module):
     def num_params(self, embeddings=True):
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= sum(e.weight.numel() for name, e in self.transformer.items() if name in ("wte", "wpe"))
+            n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
         return n
 
     def forward(self, idx, attn_mask=None, cache=None):
