@@ -1,4 +1,5 @@
 """Distributed data parallel: 2 CPU processes (gloo) == 1 process with the same global batch."""
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,25 @@ def test_two_processes_equal_one(script, tiny_sft, tmp_path):
     run_script(script, *args, "--out", tmp_path / "one.pt", "--device", "cpu")
     torchrun(script, *args, "--out", tmp_path / "two.pt")
     assert max_diff(tmp_path / "one.pt", tmp_path / "two.pt") < 1e-5
+
+
+def test_reward_two_processes_match_one(tiny_sft, tmp_path):
+    """reward.py: each rank scores its share of every batch's prompts (the heads read from inside
+    the DDP wrapper) and the loss is normalised by the all-reduced pair count, so the first
+    step's gradient norm (logged after DDP's averaging) and the trained scorer match 1 process.
+    The parameters match only to ~10% of the update: the head starts at zero, so the backbone's
+    first gradients are tiny, and Adam's g / sqrt(v) turns their float rounding (which differs
+    with the batch split) into full-size steps in directions the scores barely depend on."""
+    args = ["--preset", "tiny", "--epochs", "2", "--init", tiny_sft / "sft.pt", "--lr", "1e-4"]
+    run_script("reward.py", *args, "--out", tmp_path / "one.pt", "--device", "cpu")
+    (tmp_path / "one.jsonl").rename(tmp_path / "one_log.jsonl")
+    torchrun("reward.py", *args, "--out", tmp_path / "two.pt")
+    one, two = ([json.loads(line) for line in open(tmp_path / name)] for name in ("one_log.jsonl", "two.jsonl"))
+    assert abs(one[0]["grad_norm"] - two[0]["grad_norm"]) < 1e-5 * one[0]["grad_norm"]
+    for key in ("val_loss", "train_acc", "reward_std"):
+        assert abs(one[-1][key] - two[-1][key]) <= 1e-3 * abs(one[-1][key]), key
+    diff, moved = max_diff(tmp_path / "one.pt", tmp_path / "two.pt"), max_diff(tiny_sft / "sft.pt", tmp_path / "one.pt")
+    assert moved > 1e-5 and diff < 0.25 * moved, (diff, moved)
 
 
 def test_grpo_two_processes_equal_one(tmp_path_factory, tmp_path):

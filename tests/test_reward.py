@@ -70,6 +70,26 @@ def test_score_is_read_at_the_last_real_token_under_right_padding(rm):
     assert abs(rm.score(rm(ids2))[0, -1].item() - rm.score(rm(ids))[0, -1].item()) > 1e-3
 
 
+def test_reward_scores_add_the_responses_log_likelihood(rm, tok):
+    """r = head at the last real token + alpha * sum over mask-1 targets of log p(target), checked
+    against a slow token-by-token log-softmax; alpha = 0 is the last-token read-out alone."""
+    tool_answer = "calc(12*34)<|call|><|tool|>408<|end|><|assistant|>Answer: 408"
+    ids, mask = reward.render_response(tok, "What is 12*34?", tool_answer)
+    short, short_mask = reward.render_response(tok, "Hi?", "Hello.")
+    batch = torch.tensor([ids, short + [0] * (len(ids) - len(short))])
+    masks = torch.tensor([mask, short_mask + [0] * (len(ids) - len(short))])
+    lengths = torch.tensor([len(ids), len(short)])
+    head = reward.last_token_scores(rm, batch, lengths)
+    assert torch.allclose(reward.reward_scores(rm, batch, lengths, masks, 0.0), head)
+    got = reward.reward_scores(rm, batch, lengths, masks, 0.5)
+    for row, (seq, m) in enumerate([(ids, mask), (short, short_mask)]):
+        logits = rm.logits(torch.tensor([seq]))[0]
+        loglik = sum(torch.log_softmax(logits[t - 1].double(), -1)[seq[t]].item()
+                     for t in range(1, len(seq)) if m[t])
+        assert sum(m) > 0 and loglik < 0  # the tool output (mask 0) is left out of the sum
+        assert abs(got[row].item() - (head[row].item() + 0.5 * loglik)) < 1e-4
+
+
 def test_render_response_makes_tool_turns_special_tokens(tok):
     text = "calc(12*34)<|call|><|tool|>408<|end|><|assistant|>Answer: 408"
     ids, mask = reward.render_response(tok, "What is 12*34?", text)
@@ -81,15 +101,16 @@ def test_render_response_makes_tool_turns_special_tokens(tok):
 
 def test_load_reward_model_normalises_and_batches(rm, tok, tmp_path):
     path = tmp_path / "rm.pt"
-    save_checkpoint(path, rm, tok, "reward", extra=dict(reward_mean=0.25, reward_std=2.0))
+    save_checkpoint(path, rm, tok, "reward", extra=dict(reward_mean=0.25, reward_std=2.0, loglik_coef=0.3))
     score = reward.load_reward_model(str(path), batch_size=2)
     prompts = ["What is 2+3?", "What is 12*34?", "Help me cut a mango."]
     responses = ["Answer: 5", "calc(12*34)<|call|><|tool|>408<|end|><|assistant|>Answer: 408", "Slice it."]
     got = score(prompts, responses)
     assert got.shape == (3,) and not got.requires_grad
     for i in range(3):
-        ids, _ = reward.render_response(tok, prompts[i], responses[i])
-        raw = reward.last_token_scores(rm, torch.tensor([ids]), torch.tensor([len(ids)]))[0].item()
+        ids, mask = reward.render_response(tok, prompts[i], responses[i])
+        one = lambda x: torch.tensor([x])
+        raw = reward.reward_scores(rm, one(ids), one(len(ids)), one(mask), 0.3)[0].item()
         assert abs(got[i].item() - (raw - 0.25) / 2.0) < 1e-5
     save_checkpoint(tmp_path / "policy.pt", GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1,
                                                           n_head=1, n_embd=8)), tok, "sft")
@@ -147,6 +168,7 @@ def test_reward_script_smoke(tiny_sft, tmp_path, monkeypatch):
     score = reward.load_reward_model(str(out))
     r = score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
     assert abs(r.mean().item()) < 0.05 and abs(r.std().item() - 1) < 0.05
+    assert ckpt["extra"]["loglik_coef"] == 0.0  # the default: the classic last-token reward model
     rows = [json.loads(line) for line in open(tmp_path / "rm.jsonl")]
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-4  # zero-initialised head: every pair starts at log 2
 
