@@ -2,9 +2,10 @@
 
     python pipeline.py [--preset tiny|cpu|gpu] [--out DIR] [--force] [--from STAGE] [--only STAGE]
 
-A stage whose checkpoint is newer than its parent's and was made with the same preset is
-skipped (--force redoes it). The run stops at the first failing stage, prints the end of its
-log, and keeps every finished checkpoint.
+A stage whose checkpoint is newer than every file it reads (its parent's checkpoint, and the
+reward model for PPO and GRPO, the preference pairs for DPO) and was made with the same preset
+is skipped (--force redoes it; --from STAGE redoes that stage and every later one). The run
+stops at the first failing stage, prints the end of its log, and keeps every finished checkpoint.
 """
 import argparse
 import json
@@ -15,27 +16,28 @@ import time
 
 import torch
 
-# (stage, script, output file, parent output, extra arguments)
+# (stage, script, output file, parent output, other files it reads, extra arguments)
 STAGES = [
-    ("pretrain", "pretrain.py", "base.pt", None, []),
-    ("sft", "sft.py", "sft.pt", "base.pt", []),
-    ("reward", "reward.py", "rm.pt", "sft.pt", []),
+    ("pretrain", "pretrain.py", "base.pt", None, [], []),
+    ("sft", "sft.py", "sft.pt", "base.pt", [], []),
+    ("reward", "reward.py", "rm.pt", "sft.pt", [], []),
     # the reward stage's pairs are the ones dpo.py would sample (same model, prompts and seed)
-    ("dpo", "dpo.py", "dpo.pt", "sft.pt", ["--data", "{out}/prefs_reward.jsonl"]),
-    ("ppo", "ppo.py", "ppo.pt", "dpo.pt", ["--rm", "{out}/rm.pt"]),
-    ("grpo", "grpo.py", "grpo.pt", "dpo.pt", ["--rm", "{out}/rm.pt"]),
-    ("rlvr", "rlvr.py", "rlvr.pt", "ppo.pt", []),
-    ("distill", "distill.py", "student.pt", "rlvr.pt", []),
+    ("dpo", "dpo.py", "dpo.pt", "sft.pt", ["prefs_reward.jsonl"], ["--data", "{out}/prefs_reward.jsonl"]),
+    ("ppo", "ppo.py", "ppo.pt", "dpo.pt", ["rm.pt"], ["--rm", "{out}/rm.pt"]),
+    ("grpo", "grpo.py", "grpo.pt", "dpo.pt", ["rm.pt"], ["--rm", "{out}/rm.pt"]),
+    ("rlvr", "rlvr.py", "rlvr.pt", "ppo.pt", [], []),
+    ("distill", "distill.py", "student.pt", "rlvr.pt", [], []),
 ]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def up_to_date(out_dir, output, parent, preset):
-    """The checkpoint exists, is newer than its parent, and was made with this preset."""
+def up_to_date(out_dir, output, inputs, preset):
+    """The checkpoint exists, is newer than every input it was made from (its parent, and the
+    reward model for PPO / GRPO), and was made with this preset."""
     path = os.path.join(out_dir, output)
     if not os.path.exists(path):
         return False
-    if parent and os.path.getmtime(path) < os.path.getmtime(os.path.join(out_dir, parent)):
+    if any(os.path.getmtime(path) < os.path.getmtime(os.path.join(out_dir, i)) for i in inputs):
         return False
     try:
         config = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
@@ -67,12 +69,12 @@ def main(argv=None):
     wall = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else {}
     started = args.start is None
     t_total = time.time()
-    for name, script, output, parent, extra in STAGES:
+    for name, script, output, parent, reads, extra in STAGES:
         started = started or name == args.start
         if (args.only and name != args.only) or not started:
             continue
-        forced = args.force or name == args.start or name == args.only
-        if not forced and up_to_date(out, output, parent, args.preset):
+        forced = args.force or args.start is not None or name == args.only  # --from redoes every later stage
+        if not forced and up_to_date(out, output, [parent] * bool(parent) + reads, args.preset):
             print(f"[{name:8s}] up to date ({output})")
             continue
         stage_args = ["--preset", args.preset, "--out", os.path.join(out, output)]

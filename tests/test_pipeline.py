@@ -24,6 +24,13 @@ def test_tiny_pipeline_end_to_end_then_skip_then_fail(tmp_path):
     assert again.stdout.count("up to date") == len(CHECKPOINTS)
     assert all(os.path.getmtime(out / n) == t for n, t in mtimes.items())
 
+    # a new reward model makes PPO and GRPO stale (they read it), and RLVR and distill after PPO
+    os.utime(out / "rm.pt", (mtimes["student.pt"] + 5,) * 2)
+    redo = run_script("pipeline.py", "--preset", "tiny", "--out", out)
+    for stage in ("ppo", "grpo", "rlvr", "distill"):
+        assert f"running {stage}.py" in redo.stdout, redo.stdout
+    assert "up to date (dpo.pt)" in redo.stdout and "up to date (rm.pt)" in redo.stdout
+
     os.remove(out / "rm.pt")
     os.makedirs(out / "rm.pt" / "blocker")  # reward.py cannot write its checkpoint: it must fail
     failed = run_script("pipeline.py", "--preset", "tiny", "--out", out, check=False)
