@@ -32,8 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def up_to_date(out_dir, output, inputs, preset):
-    """The checkpoint exists, is newer than every input it was made from (its parent, and the
-    reward model for PPO / GRPO), and was made with this preset."""
+    """The checkpoint exists, is newer than every input it was made from (its parent and the
+    other files STAGES lists), and was made with this preset."""
     path = os.path.join(out_dir, output)
     if not os.path.exists(path):
         return False
