@@ -86,7 +86,7 @@ def test_reward_scores_add_the_responses_log_likelihood(rm, tok):
         logits = rm.logits(torch.tensor([seq]))[0]
         loglik = sum(torch.log_softmax(logits[t - 1].double(), -1)[seq[t]].item()
                      for t in range(1, len(seq)) if m[t])
-        assert sum(m) > 0 and loglik < 0  # the tool output (mask 0) is left out of the sum
+        assert sum(m) > 0 and loglik < 0  # m is 0 on the prompt and the tool output "408"
         assert abs(got[row].item() - (head[row].item() + 0.5 * loglik)) < 1e-4
 
 
@@ -107,9 +107,9 @@ def test_load_reward_model_normalises_and_batches(rm, tok, tmp_path):
     responses = ["Answer: 5", "calc(12*34)<|call|><|tool|>408<|end|><|assistant|>Answer: 408", "Slice it."]
     got = score(prompts, responses)
     assert got.shape == (3,) and not got.requires_grad
+    one = lambda x: torch.tensor([x])  # a batch of one row
     for i in range(3):
         ids, mask = reward.render_response(tok, prompts[i], responses[i])
-        one = lambda x: torch.tensor([x])
         raw = reward.reward_scores(rm, one(ids), one(len(ids)), one(mask), 0.3)[0].item()
         assert abs(got[i].item() - (raw - 0.25) / 2.0) < 1e-5
     save_checkpoint(tmp_path / "policy.pt", GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1,
