@@ -28,7 +28,6 @@ from data import Tokenizer
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, sequence_logprobs, token_logprobs
 
 
-
 def preset_model(preset):
     """The model shape pretrain.py builds for a preset (its vocab_size is the tokenizer's target)."""
     cfg = {**pretrain.DEFAULTS, **pretrain.PRESETS[preset]}

@@ -74,7 +74,8 @@ def main(argv=None):
         if (args.only and name != args.only) or not started:
             continue
         forced = args.force or args.start is not None or name == args.only  # --from redoes every later stage
-        if not forced and up_to_date(out, output, [parent] * bool(parent) + reads, args.preset):
+        inputs = ([parent] if parent else []) + reads
+        if not forced and up_to_date(out, output, inputs, args.preset):
             print(f"[{name:8s}] up to date ({output})")
             continue
         stage_args = ["--preset", args.preset, "--out", os.path.join(out, output)]

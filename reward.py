@@ -158,10 +158,11 @@ def reward_scores(model, ids, lengths, mask, loglik_coef=0.0):
     reward model's retrained language model finds likely. A more accurate proxy is not a safer
     one to optimise.
     """
-    hidden = model(ids)
+    hidden = model(ids)  # one forward for both terms
     r = last_token_scores(model, ids, lengths, hidden)
     if loglik_coef:
-        logp = token_logprobs(hidden[:, :-1], getattr(model, "module", model).lm_head.weight, ids[:, 1:])
+        lm_head = getattr(model, "module", model).lm_head  # DDP wraps the model in .module
+        logp = token_logprobs(hidden[:, :-1], lm_head.weight, ids[:, 1:])
         r = r + loglik_coef * (logp * mask[:, 1:]).sum(1)
     return r
 
