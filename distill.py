@@ -52,8 +52,8 @@ DEFAULTS = dict(
     mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.5,
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
-    batch_size=64, micro_batches=4, steps=800, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
-    eval_tasks=150, threads=0, seed=0, device="auto", dtype="bf16",
+    batch_size=64, micro_batches=4, steps=700, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
+    eval_tasks=100, threads=0, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,

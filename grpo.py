@@ -4,7 +4,7 @@ that beat their group.
     python grpo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/grpo.pt] [--preset tiny|cpu|gpu]
                    [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline]
                    [--loss-agg token-mean|seq-mean-token-mean|seq-mean-token-sum-norm]
-                   [--kl k1|k2|k3|off] [--reward rm|gold] [--data prompts.jsonl] [--rollout-chunk N]
+                   [--kl k1|k2|k3|off] [--reward rm|gold|random] [--data prompts.jsonl] [--rollout-chunk N]
 
 The algorithm (GRPO: Shao et al. 2024, "DeepSeekMath", Algorithm 1), as main() runs it:
     for each step:
@@ -426,14 +426,24 @@ def gold_reward(task_of):
     return fn
 
 
+def random_reward(seed):
+    """Uniform noise in [0, 1) as the reward (a control): what the update does with no signal at
+    all, the floor that any reward, the gold judge included, has to beat at a given batch and lr."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda prompts, responses: torch.rand(len(prompts), generator=g)
+
+
 def make_reward(cfg, task_of, device):
-    """--reward rm (default): the learned reward model from --rm; gold: the hidden judge."""
+    """--reward rm (default): the learned reward model from --rm; gold: the hidden judge;
+    random: the no-signal control."""
     if cfg["reward"] == "gold":
         if not task_of:
             fail("--reward gold needs the built-in world's prompts (the judge knows only those tasks)")
         return gold_reward(task_of)
+    if cfg["reward"] == "random":
+        return random_reward(cfg["seed"])
     if cfg["reward"] != "rm":
-        fail(f"--reward {cfg['reward']!r}: expected rm or gold")
+        fail(f"--reward {cfg['reward']!r}: expected rm, gold or random")
     from reward import load_reward_model  # lazy: the reward stage is only needed when used
     try:
         return load_reward_model(cfg["rm"], device)

@@ -2,7 +2,7 @@
 
     python ppo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/ppo.pt] [--preset tiny|cpu|gpu]
                   [--critic-init rm|policy] [--kl-coef 0.05] [--kl-target 0 (fixed) | >0 (adaptive)]
-                  [--reward rm|gold] [--data prompts.jsonl] [--curve true]
+                  [--reward rm|gold|random] [--data prompts.jsonl] [--curve true]
 
 The loop (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022), each step:
     1. rollout   one response per prompt from the policy (KV-cache sampler, temperature T)
@@ -33,7 +33,7 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
 DEFAULTS = dict(
     init="out/dpo.pt", out="out/ppo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
-    critic_init="rm", steps=32, batch_size=64, max_new_tokens=96, temperature=1.0,
+    critic_init="rm", steps=24, batch_size=64, max_new_tokens=96, temperature=1.0,
     epochs=2, minibatches=2, micro_batch=64, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
     kl_coef=0.1, kl_target=0.0, kl_horizon=10000, missing_eos_penalty=1.0,
     lr=1e-5, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
@@ -104,7 +104,7 @@ def make_critic(cfg, policy, tok, device):
     driven by a random baseline. The RM's normalisation (mean, std) is folded into the head so V
     is on the reward's scale. Caveat (VC-PPO, Yuan et al. 2025): the head was trained only at the
     last token, so early-token values start biased; the critic must catch up in the first steps.
-    From the policy with a zero head (V = 0) when there is no RM (--reward gold), when the RM's
+    From the policy with a zero head (V = 0) when there is no RM (--reward gold or random), when the RM's
     tokenizer differs, or with --critic-init policy.
     """
     if cfg["critic_init"] == "rm" and cfg["reward"] == "rm":

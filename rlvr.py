@@ -44,7 +44,7 @@ DEFAULTS = dict(
     init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="grpo", mix="math:2,code:1,tool:1",
     n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_steps=True,
     step_credit=0.5,
-    steps=50, prompts_per_step=32, group_size=8, temperature=0.7, top_k=0, top_p=1.0,
+    steps=40, prompts_per_step=32, group_size=8, temperature=0.7, top_k=0, top_p=1.0,
     iterations=1, minibatches=1, micro_batch=64, lr=1.5e-5, warmup=2, weight_decay=0.0, grad_clip=1.0,
     curriculum=True, curriculum_alpha=0.3, curriculum_floor=0.02, ds_max_tries=3, overlong_buffer=0.125,
     # from ALGOS unless given: None means "the algorithm's setting"

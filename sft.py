@@ -22,7 +22,7 @@ from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_lo
 DEFAULTS = dict(
     init="out/base.pt", out="out/sft.pt", data=None, n_train=20000, n_val=200,
     drill_steps=200, drill_batch=256, drill_demos=16,
-    batch_size=128, grad_accum=8, steps=650, lr=1e-3, warmup=20,
+    batch_size=128, grad_accum=8, steps=600, lr=1e-3, warmup=20,
     weight_decay=0.0, grad_clip=1.0,
     eval_every=100, save_every=250, eval_tasks=25, stop_after=0, resume=False,
     seed=0, device="auto", dtype="bf16", compile=False,

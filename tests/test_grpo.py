@@ -340,6 +340,16 @@ def test_grpo_script_smoke(stack, advantage):
         assert "gold_winrate_vs_init" in ckpt["metrics"] and "kl_to_ref" in ckpt["metrics"]
 
 
+def test_random_reward_is_seeded_uniform_noise():
+    """--reward random, the no-signal control: the same seed gives the same stream, values in [0, 1)."""
+    cfg = dict(reward="random", seed=3)
+    a, b = grpo.make_reward(cfg, {}, "cpu"), grpo.make_reward(cfg, {}, "cpu")
+    first = a(["p"] * 64, ["r"] * 64)
+    assert torch.equal(first, b(["p"] * 64, ["r"] * 64))
+    assert first.shape == (64,) and 0 <= first.min() and first.max() < 1 and first.std() > 0.2
+    assert not torch.equal(first, a(["p"] * 64, ["r"] * 64))  # a stream, not one draw repeated
+
+
 def test_bad_flag_and_bad_data_fail_cleanly(stack, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n{"prompt": 3}\n')
