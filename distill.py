@@ -19,6 +19,12 @@ The student (--student-layers x --student-width) starts from the teacher by defa
 evenly spaced from first to last are kept (layer dropping, as DistilBERT) and the residual
 channels, attention heads and MLP neurons that matter most on a calibration batch are kept
 (width pruning, as Minitron). --student-init random trains from scratch; a path loads a checkpoint.
+On the built-in world the first --drill-steps steps, for the student and the baseline alike, open
+as sft.py does, with one-line drills of the column facts (--drill-batch of them and --drill-demos
+demonstrations a step): pruning leaves the student to relearn that lookup table, which it barely
+does from facts scattered through long workings. Measured on one teacher (math, 100 test
+problems, student / baseline): 0.65 / 0.74 without the drill (700 steps); 0.84 / 0.68 with 150
+drill steps of 256 (700 steps in all), and 0.78 / 0.71 with 100 of 128 (600 in all) at another seed.
 
 Convention for the divergences (GKD's, which TRL's GKDTrainer follows), p_t teacher, p_s student:
     forward KL(p_t||p_s), reverse KL(p_s||p_t),
@@ -52,12 +58,13 @@ DEFAULTS = dict(
     mode="logit", div="forward", beta=0.5, temperature=1.0, top_k=0, lmbda=0.5, ce_weight=0.5,
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
-    batch_size=64, micro_batches=4, steps=700, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
+    drill_steps=100, drill_batch=128, drill_demos=16,
+    batch_size=64, micro_batches=4, steps=600, lr=2e-3, warmup=20, weight_decay=0.0, grad_clip=1.0, chunk=4096,
     eval_tasks=100, threads=0, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, student_layers=1, student_width=16, seq_prompts=16, max_new_tokens=24,
-              batch_size=8, micro_batches=2, steps=6, eval_tasks=1),
+              drill_steps=2, drill_batch=8, drill_demos=2, batch_size=8, micro_batches=2, steps=6, eval_tasks=1),
     cpu=dict(),
     gpu=dict(n_train=200000, batch_size=128, steps=3000, lr=1e-3, seq_prompts=2400, eval_tasks=200),
 )
@@ -334,8 +341,9 @@ def kl_to_teacher(student, teacher, examples, pad_id, device, batch_size=64):
     return total / max(count, 1)
 
 
-def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, world, log, val):
-    """Train the student for cfg['steps'] steps of `mode`; returns it."""
+def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, world, log, val, drills=()):
+    """Train the student for cfg['steps'] steps of `mode`; returns it. The first drill_steps
+    steps (data batches only) take drill_batch rows of `drills` and drill_demos of `examples`."""
     opt = make_optimizer(student, cfg["lr"], cfg["weight_decay"], device=device)
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     bar = tqdm(range(cfg["steps"]), disable=rank != 0, desc=f"distill {mode}")
@@ -343,13 +351,17 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
         set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
         # the batch depends only on (seed, step): every rank sees the same global batch, same coin
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-        idx = torch.randint(0, len(examples), (cfg["batch_size"],), generator=g)[rank::world].tolist()
+        batch = torch.randint(0, len(examples), (cfg["batch_size"],), generator=g).tolist()  # the global batch
+        idx = batch[rank::world]
         on_policy = mode == "onpolicy" and random.Random(cfg["seed"] * 1_000_003 + step).random() < cfg["lmbda"]
         if on_policy:  # GKD: with probability lambda the student's own samples, scored by the teacher
             sg = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
             rows = student_samples(student, tok, [prompts[i] for i in idx], cfg, sg)
         else:
             rows = [examples[i] for i in idx]
+            if step < cfg["drill_steps"] and drills:  # as sft.py opens: the column facts, densely
+                drill = torch.randint(0, len(drills), (cfg["drill_batch"],), generator=g).tolist()
+                rows = ([drills[i] for i in drill] + [examples[i] for i in batch[:cfg["drill_demos"]]])[rank::world]
         rows.sort(key=lambda r: len(r[0]))  # length-sorted micro-batches: little padding, same gradient
         n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(m[1:]) for _, m in rows)), device=device))
         size, total = math.ceil(len(rows) / cfg["micro_batches"]), 0.0
@@ -408,6 +420,8 @@ def main(argv=None):
     if not data:
         fail(f"no training conversation fits the {block}-token context")
     prompts = [prompt_of(c) for c in conversations]  # on-policy batches need only prompts
+    drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0] \
+        if cfg["drill_steps"] and cfg["data"] is None else []
     calib = make_batch(data, range(min(64, len(data))), tok.pad_id, "cpu")[0]
     log = MetricLog(cfg["out"], "distill", enabled=rank == 0)
 
@@ -426,7 +440,7 @@ def main(argv=None):
         if rank == 0:
             print(f"distill: seq-KD on {len(examples)} teacher samples (verifier keep rate {metrics['seq_keep_rate']:.2f})")
     t1, c1 = time.time(), time.process_time()
-    student = train(student, teacher, tok, examples, prompts, cfg["mode"], cfg, device, rank, world, log, val)
+    student = train(student, teacher, tok, examples, prompts, cfg["mode"], cfg, device, rank, world, log, val, drills)
     # wall time depends on who else shares the CPU; this process's CPU time does not
     metrics["train_s"], metrics["train_cpu_s"] = time.time() - t1, time.process_time() - c1
     metrics["kl_to_teacher"] = kl_to_teacher(student, teacher, val, tok.pad_id, device)
@@ -434,7 +448,8 @@ def main(argv=None):
     if cfg["baseline"] and cfg["mode"] != "sft":  # same init, data, steps and schedule; hard labels
         baseline, _ = make_student(teacher, tok, cfg, calib, device)
         t1 = time.time()
-        runs["baseline"] = train(baseline, teacher, tok, data, prompts, "sft", cfg, device, rank, world, log, val)
+        runs["baseline"] = train(baseline, teacher, tok, data, prompts, "sft", cfg, device, rank, world, log, val,
+                                 drills)
         metrics["baseline"] = dict(kl_to_teacher=kl_to_teacher(runs["baseline"], teacher, val, tok.pad_id, device),
                                    train_s=time.time() - t1)
     if rank == 0 and cfg["eval_tasks"]:
