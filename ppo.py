@@ -104,8 +104,8 @@ def make_critic(cfg, policy, tok, device):
     driven by a random baseline. The RM's normalisation (mean, std) is folded into the head so V
     is on the reward's scale. Caveat (VC-PPO, Yuan et al. 2025): the head was trained only at the
     last token, so early-token values start biased; the critic must catch up in the first steps.
-    From the policy with a zero head (V = 0) when there is no RM (--reward gold or random), when the RM's
-    tokenizer differs, or with --critic-init policy.
+    From the policy with a zero head (V = 0) when there is no RM (--reward gold or random), when
+    the RM's tokenizer differs, or with --critic-init policy.
     """
     if cfg["critic_init"] == "rm" and cfg["reward"] == "rm":
         try:
