@@ -51,7 +51,7 @@ import verifiers
 from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
 from data import DataError, as_messages, generate_responses, pad, read_jsonl, response_messages
 from model import GPT, CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
-from sft import encode_all, make_batch, val_conversations
+from sft import drill_rows, encode_all, load_drills, make_batch, val_conversations
 
 DEFAULTS = dict(
     init="out/rlvr.pt", out="out/student.pt", data=None, noise=False, n_train=20000, n_val=200,
@@ -360,8 +360,7 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
         else:
             rows = [examples[i] for i in idx]
             if step < cfg["drill_steps"] and drills:  # as sft.py opens: the column facts, densely
-                drill = torch.randint(0, len(drills), (cfg["drill_batch"],), generator=g).tolist()
-                rows = ([drills[i] for i in drill] + [examples[i] for i in batch[:cfg["drill_demos"]]])[rank::world]
+                rows = drill_rows(drills, [examples[i] for i in batch], cfg, g)[rank::world]
         rows.sort(key=lambda r: len(r[0]))  # length-sorted micro-batches: little padding, same gradient
         n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(m[1:]) for _, m in rows)), device=device))
         size, total = math.ceil(len(rows) / cfg["micro_batches"]), 0.0
@@ -420,8 +419,7 @@ def main(argv=None):
     if not data:
         fail(f"no training conversation fits the {block}-token context")
     prompts = [prompt_of(c) for c in conversations]  # on-policy batches need only prompts
-    drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0] \
-        if cfg["drill_steps"] and cfg["data"] is None else []
+    drills = load_drills(tok, cfg["seed"], block) if cfg["drill_steps"] and cfg["data"] is None else []
     calib = make_batch(data, range(min(64, len(data))), tok.pad_id, "cpu")[0]
     log = MetricLog(cfg["out"], "distill", enabled=rank == 0)
 

@@ -62,6 +62,18 @@ def encode_all(tok, conversations, block_size):
     return kept, len(rendered) - len(kept)
 
 
+def load_drills(tok, seed, block_size):
+    """The column-fact drills (tasks.drill_conversations), encoded, for a run's opening steps."""
+    return encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, seed)], block_size)[0]
+
+
+def drill_rows(drills, demos, cfg, generator):
+    """An opening step's global batch: cfg drill_batch drills drawn from `generator`, and the
+    first drill_demos of the step's demonstrations so the other skills stay in use."""
+    picks = torch.randint(0, len(drills), (cfg["drill_batch"],), generator=generator).tolist()
+    return [drills[i] for i in picks] + demos[:cfg["drill_demos"]]
+
+
 def make_batch(examples, idx, pad_id, device):
     # on a GPU, few shapes let torch.compile reuse its kernels; on a CPU padding costs time
     multiple = 64 if torch.device(device).type == "cuda" else 1
@@ -102,8 +114,7 @@ def main(argv=None):
     train, dropped = encode_all(tok, load_conversations(cfg), block)
     # the built-in world's first steps drill the column facts (tasks.drill_conversations)
     drill_steps = cfg["drill_steps"] if cfg["data"] is None else 0
-    drills = encode_all(tok, [c["messages"] for c in tasks.drill_conversations(20000, cfg["seed"])], block)[0] \
-        if drill_steps else []
+    drills = load_drills(tok, cfg["seed"], block) if drill_steps else []
     val, _ = encode_all(tok, val_conversations(cfg["n_val"]), block)
     if not train:
         fail(f"no training conversation fits the {block}-token context")
@@ -132,9 +143,8 @@ def main(argv=None):
         # the batch depends only on (seed, step): resume and DDP see the same global batch
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
         rows = [train[i] for i in torch.randint(0, len(train), (cfg["batch_size"],), generator=g).tolist()]
-        if step < drill_steps:  # drills, and a few demonstrations so the other skills stay in use
-            rows = [drills[i] for i in torch.randint(0, len(drills), (cfg["drill_batch"],), generator=g).tolist()] \
-                + rows[:cfg["drill_demos"]]
+        if step < drill_steps:
+            rows = drill_rows(drills, rows, cfg, g)
         rows = rows[rank::world]
         # micro-batches of similar lengths: far less padding, and the same gradient, since every
         # micro-batch's loss is divided by the batch's total token count
