@@ -423,12 +423,14 @@ def passk_from_counts(n, counts, ks):
 def passk_eval(model, tok, families=("math", "code", "tool"), n_problems=20, n_samples=16, ks=(1, 4, 16),
                temperature=1.0, seed=0, cache=None):
     """Unbiased pass@k on the first n_problems test tasks of each family (the greedy eval's own
-    tasks), from n_samples samples each at `temperature`, tools on. Correct = the eval metrics'
-    verdict (math verify_math, code sandbox, tool verify_tool), no format gate.
+    tasks; all of a family's test split where it holds fewer), from n_samples samples each at
+    `temperature`, tools on. Correct = the eval metrics' verdict (math verify_math, code sandbox,
+    tool verify_tool), no format gate.
     Returns {"math_pass@1": ..., "math_pass@4": ..., ...} (fractions)."""
     import evaluate
     device = next(model.parameters()).device
-    task_list = [t for f in families for t in tasks.make_tasks(f, "test", n_problems, seed=1234)]
+    task_list = [t for f in families
+                 for t in tasks.make_tasks(f, "test", n_problems, seed=1234, allow_fewer=True)]
     gen = torch.Generator(device=device).manual_seed(seed)
     texts, _ = evaluate.respond(model, tok, task_list, temperature, n_samples, generator=gen)
     correct, _, _ = judge([t for t in task_list for _ in range(n_samples)], texts, {} if cache is None else cache,

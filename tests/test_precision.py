@@ -56,3 +56,9 @@ def test_gpu_presets_ask_the_world_for_no_more_tasks_than_it_has():
     n = parse_config(distill.DEFAULTS, distill.PRESETS, ["--preset", "gpu"])["seq_prompts"]
     for family, weight in tasks.SFT_MIX.items():
         assert len(tasks.make_tasks(family, "train", round(n * weight))) == round(n * weight)
+    import dpo
+    import sft
+    for mod, key, split in ((sft, "eval_tasks", "val"), (dpo, "eval_tasks", "test"), (ppo, "eval_tasks", "test"),
+                            (grpo, "eval_tasks", "test"), (rlvr, "eval_n", "test")):  # their evaluation sets
+        n = parse_config(mod.DEFAULTS, mod.PRESETS, ["--preset", "gpu"])[key]
+        assert sum(t.family == "math" for t in tasks.eval_tasks(split, n)) == n

@@ -86,6 +86,17 @@ def test_eval_tasks_fixed():
     assert 10 < sum(t.unsafe for t in safety) < 40
 
 
+def test_eval_tasks_takes_all_of_a_small_split():
+    """The gpu presets ask for 100-200 tasks a family; code and safety's test splits hold fewer."""
+    with pytest.raises(ValueError, match="found only"):
+        make_tasks("safety", "test", 200, seed=1234)
+    counts = {f: sum(t.family == f for t in eval_tasks("test", 200)) for f in FAMILIES}
+    assert counts["math"] == counts["tool"] == 200
+    assert 50 < counts["safety"] < 200 and 50 < counts["code"] < 200
+    small = [t.prompt for t in eval_tasks("test", 50) if t.family == "code"]
+    assert small == [t.prompt for t in eval_tasks("test", 200) if t.family == "code"][:50]
+
+
 # ----------------------------------------------------------------------------- references
 
 @pytest.mark.parametrize("digits,steps", [(None, None), (1, 1), (2, 3), (4, 2)])
