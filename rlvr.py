@@ -40,8 +40,13 @@ from common import MetricLog, all_reduce_sum, fail, lr_at, make_optimizer, parse
 from data import DataError, generate_responses, read_jsonl
 from model import save_checkpoint
 
+# DAPO by default: at this budget (40 steps from the PPO checkpoint, greedy math on 400 test
+# problems) it gained +9.3 and +9.8 points (seeds 0, 1) where GRPO's recipe gained +5.5 (+5.2 at
+# twice the learning rate). Dynamic sampling is most of it: half of a step's groups are all right
+# or all wrong and teach nothing. GRPO with dynamic sampling alone gained +9 too, but trained
+# 289 s against DAPO's 183 s.
 DEFAULTS = dict(
-    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="grpo", mix="math:2,code:1,tool:1",
+    init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="dapo", mix="math:2,code:1,tool:1",
     n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_steps=True,
     step_credit=0.5,
     steps=40, prompts_per_step=32, group_size=8, temperature=0.7, top_k=0, top_p=1.0,
@@ -52,7 +57,8 @@ DEFAULTS = dict(
     dynamic_sampling=None, overlong=None,
     # ppo only (ppo.py's critic and GAE)
     critic_lr=1e-4, gamma=1.0, lam=0.95, vf_clip=0.2,
-    eval_n=50, passk_problems=20, passk_samples=16, max_train_s=0.0,
+    # greedy eval: 200 tasks a family (all ~80 code and 67 safety): a 95% interval of ±6 points on math, not ±12
+    eval_n=200, passk_problems=20, passk_samples=16, max_train_s=0.0,
     seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
@@ -60,7 +66,7 @@ PRESETS = dict(
               passk_problems=1, passk_samples=2),
     cpu=dict(),
     gpu=dict(n_prompts=1800, steps=400, prompts_per_step=128, group_size=16, micro_batch=256, lr=2e-5,
-             minibatches=4, eval_n=200, passk_problems=100, passk_samples=64),
+             minibatches=4, passk_problems=100, passk_samples=64),
 )
 # The recipes. kl/beta: KL(π||π_ref) estimator and weight in the loss (GRPO eq. 3); kl_reward: β of
 # a per-token k1 penalty inside the reward instead (REINFORCE++ §3, PPO-RLHF).
