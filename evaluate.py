@@ -2,6 +2,7 @@
 
     python evaluate.py out/base.pt out/sft.pt ...      # one row per checkpoint
     python evaluate.py --out-dir out                    # every stage checkpoint found in out/
+    python evaluate.py out/rlvr.pt --n 400 --samples 4 --report-dir out/n400   # tighter numbers
 
 Metrics (fractions in [0, 1]): format, math_acc, code_pass1, tool_acc, refusal_unsafe,
 overrefusal_safe, mean_len, params; gold win rate against SFT (greedy, and on samples at
@@ -91,11 +92,12 @@ def gold_winrate(task_list, texts, baseline_texts):
     return mean(wins)
 
 
-def sample_texts(model, tok, task_list, seed=0):
-    """One response per task sampled at temperature 1: the policy's distribution, which is what
-    preference optimisation and RL change (greedy decoding shows only its mode)."""
+def sample_texts(model, tok, task_list, seed=0, n=1):
+    """n responses per task (task-major) sampled at temperature 1: the policy's distribution,
+    which is what preference optimisation and RL change (greedy decoding shows only its mode)."""
     device = next(model.parameters()).device
-    return respond(model, tok, task_list, temperature=1.0, generator=torch.Generator(device=device).manual_seed(seed))[0]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return respond(model, tok, task_list, temperature=1.0, n=n, generator=gen)[0]
 
 
 # ----------------------------------------------------------------------------- math failures
@@ -181,9 +183,10 @@ def kl_to_reference(model, ref_model, tok, task_list, generator=None):
     return float(((logp - ref_logp) * resp).sum(1).mean())
 
 
-def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_problems=0):
-    """One row of the table plus the per-task outcomes and responses behind it. With
-    passk_problems > 0, also unbiased pass@1/4/16 from 16 samples on that many test problems."""
+def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_problems=0, samples=1):
+    """One row of the table plus the per-task outcomes and responses behind it. The sampled win
+    rate compares `samples` responses per task with as many of SFT's. With passk_problems > 0,
+    also unbiased pass@1/4/16 from 16 samples on that many test problems."""
     ckpt = load_checkpoint(path, device)
     model, tok = ckpt["model"], ckpt["tokenizer"]
     texts, lengths = respond(model, tok, task_list)
@@ -194,7 +197,9 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
     if sft is not None:
         row["gold_winrate_vs_sft"] = gold_winrate(task_list, texts, sft["texts"])
         if "sampled" in sft:
-            row["gold_winrate_vs_sft_t1"] = gold_winrate(task_list, sample_texts(model, tok, task_list), sft["sampled"])
+            repeated = [t for t in task_list for _ in range(samples)]
+            row["gold_winrate_vs_sft_t1"] = gold_winrate(repeated, sample_texts(model, tok, task_list, n=samples),
+                                                         sft["sampled"])
         if model.config.vocab_size == sft["model"].config.vocab_size:
             g = torch.Generator(device=device).manual_seed(0)
             row["kl_to_sft"] = kl_to_reference(model, sft["model"], tok, task_list, g)
@@ -234,16 +239,18 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_report(out_dir, rows, wall_s, n_per_family):
-    report = {"rows": rows, "wall_s": wall_s, "n_per_family": n_per_family}
+def write_report(out_dir, rows, wall_s, n_per_family, samples=1):
+    report = {"rows": rows, "wall_s": wall_s, "n_per_family": n_per_family, "samples": samples}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = format_table(rows)
     total = sum(wall_s.values()) if wall_s else 0.0
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family, greedy decoding "
-                f"(gold_winrate_vs_sft_t1: one sample per task at temperature 1 from each model, ties "
-                f"half); 95% Wilson intervals in brackets.\n\n{table}\n\n")
+        each = "one sample" if samples == 1 else f"{samples} samples"
+        f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family (or all of a "
+                f"family's split where it holds fewer), greedy decoding (gold_winrate_vs_sft_t1: {each} "
+                f"per task at temperature 1 from each model, ties half); 95% Wilson intervals in "
+                f"brackets.\n\n{table}\n\n")
         passk = {n: {k: v for k, v in r.items() if "pass@" in k} for n, r in rows.items()}
         for name, vals in passk.items():
             if vals:
@@ -320,6 +327,9 @@ def main(argv=None):
     ap.add_argument("--gate", nargs=2, metavar=("BASELINE", "CANDIDATE"))
     ap.add_argument("--max-drop", type=float, default=0.02)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--report-dir", help="where report.md and report.json go (default: --out-dir)")
+    ap.add_argument("--samples", type=int, default=1,
+                    help="samples per task for the sampled (temperature 1) win rate vs SFT")
     ap.add_argument("--passk-problems", type=int, default=16,
                     help="problems per family for pass@k of the rows before and after RLVR (0: skip)")
     args = ap.parse_args(argv)
@@ -336,7 +346,7 @@ def main(argv=None):
         if os.path.exists(sft_path):
             sft = load_checkpoint(sft_path, args.device)
             sft["texts"], _ = respond(sft["model"], sft["tokenizer"], task_list)
-            sft["sampled"] = sample_texts(sft["model"], sft["tokenizer"], task_list)
+            sft["sampled"] = sample_texts(sft["model"], sft["tokenizer"], task_list, n=args.samples)
         rm_path = os.path.join(args.out_dir, "rm.pt")
         rm = None
         if os.path.exists(rm_path):
@@ -347,14 +357,15 @@ def main(argv=None):
             t0 = time.time()
             name = os.path.splitext(os.path.basename(path))[0]
             passk = args.passk_problems if name in PASSK_ROWS else 0
-            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device, passk)
+            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device, passk, args.samples)
             print(f"evaluated {name} in {time.time() - t0:.0f}s")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     wall_path = os.path.join(args.out_dir, "pipeline.json")
     wall_s = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else {}
-    os.makedirs(args.out_dir, exist_ok=True)
-    print(write_report(args.out_dir, rows, wall_s, args.n))
+    report_dir = args.report_dir or args.out_dir
+    os.makedirs(report_dir, exist_ok=True)
+    print(write_report(report_dir, rows, wall_s, args.n, args.samples))
     plot_curves(args.out_dir)
 
 

@@ -67,6 +67,19 @@ def test_math_failure_names_the_first_wrong_line():
     assert counts["right"] == 1 and sum(counts.values()) == len(cases) and counts["column fact"] == 1
 
 
+def test_several_samples_per_task_stay_with_their_task(monkeypatch):
+    """--samples n: each task's n samples, task-major, answer that task's prompt (respond groups
+    the tasks by family, so the order has to be put back), and the win rate counts each pair."""
+    def echo(model, tok, prompts, max_new, temperature, generator=None, tools=True):
+        return {"texts": list(prompts), "sampled": torch.ones(len(prompts), 3)}
+    monkeypatch.setattr(evaluate, "generate_responses", echo)
+    task_list = tasks.eval_tasks("test", 2)
+    texts = evaluate.sample_texts(torch.nn.Linear(1, 1), None, task_list, n=3)
+    assert texts == [t.prompt for t in task_list for _ in range(3)]
+    repeated = [t for t in task_list for _ in range(3)]
+    assert evaluate.gold_winrate(repeated, texts, texts) == 0.5  # every pair a tie
+
+
 def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
     tok = load_checkpoint(tiny_sft / "sft.pt")["tokenizer"]
     model = refuser(tok)
@@ -79,6 +92,16 @@ def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
     worse = run_script("evaluate.py", "--gate", tmp_path / "good.pt", tmp_path / "bad.pt", "--n", "16", check=False)
     assert worse.returncode == 1 and "gate: FAIL" in worse.stdout
     assert "refusal_unsafe" in worse.stdout and "REGRESSION" in worse.stdout
+
+
+def test_report_dir_keeps_the_runs_own_report(tiny_sft, tmp_path):
+    """A side evaluation (--n, --samples) writes its table under --report-dir, not over out/report.md."""
+    run_script("evaluate.py", tiny_sft / "sft.pt", "--out-dir", tiny_sft, "--n", "3", "--samples", "2",
+               "--passk-problems", "0", "--report-dir", tmp_path / "side")
+    report = json.load(open(tmp_path / "side" / "report.json"))
+    assert report["samples"] == 2 and report["rows"]["sft"]["gold_winrate_vs_sft_t1"] is not None
+    assert "2 samples per task" in open(tmp_path / "side" / "report.md").read()
+    assert not os.path.exists(tiny_sft / "report.md")
 
 
 def export(ckpt_path, folder):
