@@ -40,11 +40,11 @@ from common import MetricLog, all_reduce_sum, fail, lr_at, make_optimizer, parse
 from data import DataError, generate_responses, read_jsonl
 from model import save_checkpoint
 
-# DAPO by default: at this budget (40 steps from the PPO checkpoint, greedy math on 400 test
-# problems) it gained +9.3 and +9.8 points (seeds 0, 1) where GRPO's recipe gained +5.5 (+5.2 at
-# twice the learning rate). Dynamic sampling is most of it: half of a step's groups are all right
-# or all wrong and teach nothing. GRPO with dynamic sampling alone gained +9 too, but trained
-# 289 s against DAPO's 183 s.
+# DAPO by default. 40 steps from the PPO checkpoint, greedy math on two sets of 400 test problems
+# (the first 400 of make_tasks seed 0; `evaluate.py --n 400`): DAPO +9.3 / +9.7 points, and
+# +9.8 / +8.7 at seed 1; GRPO's recipe +5.5 / +8.2. Dynamic sampling is most of it: half of a
+# step's groups are all right or all wrong and teach nothing. GRPO with dynamic sampling alone
+# gained +9.0 / +11.8, but trained 289 s against DAPO's 183 s.
 DEFAULTS = dict(
     init="out/ppo.pt", out="out/rlvr.pt", data=None, algo="dapo", mix="math:2,code:1,tool:1",
     n_prompts=1500, math_digits=0, math_steps=0, tool_digits=3, code_level=2, math_tools=False, check_steps=True,
