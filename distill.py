@@ -363,10 +363,10 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
         if on_policy:  # GKD: with probability lambda the student's own samples, scored by the teacher
             sg = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
             rows = student_samples(student, tok, [prompts[i] for i in idx], cfg, sg)
+        elif step < cfg["drill_steps"] and drills:  # as sft.py opens: the column facts, densely
+            rows = drill_rows(drills, [examples[i] for i in batch[:cfg["drill_demos"]]], cfg, g)[rank::world]
         else:
             rows = [examples[i] for i in idx]
-            if step < cfg["drill_steps"] and drills:  # as sft.py opens: the column facts, densely
-                rows = drill_rows(drills, [examples[i] for i in batch], cfg, g)[rank::world]
         rows.sort(key=lambda r: len(r[0]))  # length-sorted micro-batches: little padding, same gradient
         n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(m[1:]) for _, m in rows)), device=device))
         size, total = math.ceil(len(rows) / cfg["micro_batches"]), 0.0

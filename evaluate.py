@@ -183,10 +183,10 @@ def kl_to_reference(model, ref_model, tok, task_list, generator=None):
     return float(((logp - ref_logp) * resp).sum(1).mean())
 
 
-def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_problems=0, samples=1):
+def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_problems=0):
     """One row of the table plus the per-task outcomes and responses behind it. The sampled win
-    rate compares `samples` responses per task with as many of SFT's. With passk_problems > 0,
-    also unbiased pass@1/4/16 from 16 samples on that many test problems."""
+    rate draws as many responses per task as sft["sampled"] holds (task-major) and pairs them up.
+    With passk_problems > 0, also unbiased pass@1/4/16 from 16 samples on that many problems."""
     ckpt = load_checkpoint(path, device)
     model, tok = ckpt["model"], ckpt["tokenizer"]
     texts, lengths = respond(model, tok, task_list)
@@ -197,6 +197,7 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
     if sft is not None:
         row["gold_winrate_vs_sft"] = gold_winrate(task_list, texts, sft["texts"])
         if "sampled" in sft:
+            samples = len(sft["sampled"]) // len(task_list)
             repeated = [t for t in task_list for _ in range(samples)]
             row["gold_winrate_vs_sft_t1"] = gold_winrate(repeated, sample_texts(model, tok, task_list, n=samples),
                                                          sft["sampled"])
@@ -357,7 +358,7 @@ def main(argv=None):
             t0 = time.time()
             name = os.path.splitext(os.path.basename(path))[0]
             passk = args.passk_problems if name in PASSK_ROWS else 0
-            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device, passk, args.samples)
+            rows[name], _, _ = evaluate_checkpoint(path, task_list, sft, rm, args.device, passk)
             print(f"evaluated {name} in {time.time() - t0:.0f}s")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
