@@ -1,14 +1,15 @@
 """distill.py: the divergences against their formulas written out by hand, masking, the top-k
 tail bucket, the chunked loss, pruning the teacher into a student, a learning run and a tiny
 smoke run of every mode."""
+import copy
 import math
 
 import pytest
 import torch
 
 from conftest import run_script
-from distill import (batch_loss, forward_kl, generalized_jsd, kd_loss, kl_to_teacher, prune_from_teacher,
-                     reverse_kl, top_k_buckets, token_divergence, verified)
+from distill import (batch_loss, forward_kl, generalized_jsd, head_ablation_losses, kd_loss, kl_to_teacher,
+                     prune_from_teacher, reverse_kl, top_k_buckets, token_divergence, verified)
 from model import GPT, GPTConfig, load_checkpoint
 
 P_T, P_S = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]
@@ -171,27 +172,54 @@ def test_prompt_and_padding_contribute_nothing():
 
 # ----------------------------------------------------------------------------- student from teacher
 
+def calibration(vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (4, 12), generator=g)
+    mask = torch.zeros_like(ids)
+    mask[:, 6:] = 1  # the second half is the response
+    return ids, mask
+
+
+def loss_of(model, ids, mask):
+    logp = torch.log_softmax(model.logits(ids[:, :-1]), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (-(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()).item()
+
+
 @pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
 def test_pruning_to_the_full_size_reproduces_the_teacher(pos_embedding):
     teacher = tiny_gpt(2, layers=3, pos_embedding=pos_embedding)
-    ids = torch.randint(1, 50, (4, 12))
+    ids, mask = calibration()
     student = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=3, n_head=2, n_embd=32, pos_embedding=pos_embedding))
-    assert prune_from_teacher(student, teacher, ids, ids > 0) == [0, 1, 2]
+    assert prune_from_teacher(student, teacher, ids, mask, pad_id=0) == [0, 1, 2]
     with torch.no_grad():
         assert torch.allclose(student.logits(ids), teacher.logits(ids), atol=1e-5)
 
 
-def test_pruned_student_keeps_first_and_last_layer_and_whole_heads():
+def test_head_ablation_losses_match_models_without_that_head():
+    teacher = tiny_gpt(4, layers=3)
+    ids, mask = calibration()
+    losses = head_ablation_losses(teacher, ids, mask)
+    for i in range(3):
+        for h in range(2):  # the same model with head h's 16 columns of the output projection zeroed
+            headless = copy.deepcopy(teacher)
+            with torch.no_grad():
+                headless.transformer.h[i].attn.c_proj.weight[:, h * 16:(h + 1) * 16] = 0
+            assert losses[i][h].item() == pytest.approx(loss_of(headless, ids, mask), abs=1e-5)
+
+
+def test_pruned_student_keeps_first_and_last_layer_and_the_costliest_heads_whole():
     teacher = tiny_gpt(3, layers=4)
-    ids = torch.randint(1, 50, (4, 12))
+    ids, mask = calibration()
     student = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=1, n_embd=16))
-    assert prune_from_teacher(student, teacher, ids, ids > 0) == [0, 3]
-    # the student's channels are teacher channels; its q rows are exactly one whole teacher head
+    assert prune_from_teacher(student, teacher, ids, mask, pad_id=0) == [0, 3]
+    # the student's channels are teacher channels; its q rows are exactly one whole teacher head,
+    # the one whose removal raises the teacher's loss most
     tw, sw = teacher.transformer.wte.weight, student.transformer.wte.weight
     ch = [next(c for c in range(32) if torch.equal(tw[:, c], sw[:, j])) for j in range(16)]
     tq, sq = teacher.transformer.h[3].attn.c_attn.weight[:32], student.transformer.h[1].attn.c_attn.weight[:16]
     rows = [next(i for i in range(32) if torch.equal(tq[i, ch], sq[r])) for r in range(16)]
-    assert rows in (list(range(16)), list(range(16, 32)))
+    head = head_ablation_losses(teacher, ids, mask)[3].argmax().item()
+    assert rows == list(range(head * 16, (head + 1) * 16))
     assert student.num_params(embeddings=False) * 4 < teacher.num_params(embeddings=False)
 
 
