@@ -112,6 +112,18 @@ def test_temperature_applies_to_both_sides_and_scales_by_t_squared():
     assert torch.allclose(token_divergence(s_logits, t_logits, "forward", temperature=2.0), want, atol=1e-6)
 
 
+def test_teacher_temperature_sharpens_the_teacher_alone():
+    # tau = 0.5: p_t = [0.5, 0.3, 0.2] becomes p_t^2 renormalised = [25, 9, 4] / 38
+    sharp = [25 / 38, 9 / 38, 4 / 38]
+    got = token_divergence(logp(P_S), logp(P_T), "forward", teacher_temperature=0.5)
+    assert got.item() == pytest.approx(kl_by_hand(sharp, P_S), abs=1e-6)
+    # with a common temperature T too: the teacher at T * tau, the student at T, scaled by T^2
+    s_logits, t_logits = torch.randn(6, 10), torch.randn(6, 10)
+    want = forward_kl(torch.log_softmax(t_logits / 1.0, -1), torch.log_softmax(s_logits / 2, -1)) * 4
+    assert torch.allclose(token_divergence(s_logits, t_logits, "forward", temperature=2.0, teacher_temperature=0.5),
+                          want, atol=1e-6)
+
+
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_chunked_kd_loss_equals_one_chunk_with_gradients(top_k):
     torch.manual_seed(0)
@@ -119,10 +131,10 @@ def test_chunked_kd_loss_equals_one_chunk_with_gradients(top_k):
     ht, wt = torch.randn(37, 12), torch.randn(20, 12)
     grads = []
     for chunk in (5, 1000):
-        loss = kd_loss(hs, ws, ht, wt, "jsd", 0.3, 1.0, top_k, chunk)
+        loss = kd_loss(hs, ws, ht, wt, "jsd", 0.3, 1.0, top_k, chunk, teacher_temperature=0.7)
         g = torch.autograd.grad(loss, (hs, ws))
         grads.append((loss.detach(), *g))
-    want = token_divergence(hs @ ws.t(), ht @ wt.t(), "jsd", 0.3, 1.0, top_k).sum()
+    want = token_divergence(hs @ ws.t(), ht @ wt.t(), "jsd", 0.3, 1.0, top_k, teacher_temperature=0.7).sum()
     assert torch.allclose(grads[0][0], want, atol=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5)
@@ -141,7 +153,7 @@ def tiny_gpt(seed, layers=2, width=32, vocab=50, pos_embedding="learned"):
     return m
 
 
-CFG = dict(div="jsd", beta=0.3, temperature=1.0, top_k=0, chunk=7, ce_weight=0.0)
+CFG = dict(div="jsd", beta=0.3, temperature=1.0, teacher_temperature=0.5, top_k=0, chunk=7, ce_weight=0.0)
 
 
 def test_prompt_and_padding_contribute_nothing():
@@ -161,7 +173,7 @@ def test_prompt_and_padding_contribute_nothing():
     # at the masked-out positions is not zero (so counting them would show)
     with torch.no_grad():
         per_pos = token_divergence(student.logits(ids[:, :-1]).flatten(0, 1), teacher.logits(ids[:, :-1]).flatten(0, 1),
-                                   "jsd", 0.3).view(len(rows), T - 1)
+                                   "jsd", 0.3, teacher_temperature=0.5).view(len(rows), T - 1)
     assert torch.allclose(loss, (per_pos * mask[:, 1:]).sum(), atol=1e-5)
     assert (per_pos * (1 - mask[:, 1:])).sum() > 0.1
     # the hard-label loss too: -sum of log-probs of the response tokens only
