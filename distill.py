@@ -202,7 +202,7 @@ def head_ablation_losses(teacher, ids, mask):
     """Per layer, a tensor (n_head,): the teacher's loss on the calibration batch's response tokens
     with that head's output zeroed (Michel et al. 2019's head importance, by exact ablation:
     n_layer x n_head forwards, affordable because heads are few)."""
-    hd = teacher.config.n_embd // teacher.config.n_head
+    hd, denom = teacher.config.n_embd // teacher.config.n_head, mask[:, 1:].sum()
     losses = []
     for block in teacher.transformer.h:
         row = []
@@ -212,7 +212,7 @@ def head_ablation_losses(teacher, ids, mask):
                 x[..., h * hd:(h + 1) * hd] = 0
                 return (x,)
             hook = block.attn.c_proj.register_forward_pre_hook(zero_head)
-            row.append(masked_loss(teacher, ids, mask, mask[:, 1:].sum()).item())
+            row.append(masked_loss(teacher, ids, mask, denom).item())
             hook.remove()
         losses.append(torch.tensor(row))
     return losses
