@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, localcontext
 from fractions import Fraction
@@ -563,6 +564,24 @@ def _sandbox(code, test, entry_point, timeout, memory_mb):
     return _result(False, _EXIT_REASONS.get(rc, "error"), tail, note)
 
 
+def _syntax_error(code):
+    """The error if `code` cannot be parsed, else None. Parsing builds a tree and runs nothing, so
+    it is safe in the caller's process, and a program that fails it needs no sandbox start (~20 ms
+    of the 2 cores; a quarter of a small model's sampled programs). Whatever parses, and anything
+    the parser itself chokes on (a nesting too deep: RecursionError), goes to the sandbox."""
+    if len(code) > 100_000:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # '1x' in a sampled program: a SyntaxWarning per call
+            ast.parse(code)
+    except (SyntaxError, ValueError) as e:  # ValueError: a null byte
+        return f"{type(e).__name__}: {e}"
+    except Exception:
+        return None
+    return None
+
+
 def run_code(code, test, entry_point, timeout=3.0, memory_mb=512):
     """Run `code`, then `test`, then `check(candidate)` in a sandbox (see module docstring).
 
@@ -571,6 +590,9 @@ def run_code(code, test, entry_point, timeout=3.0, memory_mb=512):
     Never raises. HumanEval: code = prompt + completion.
     """
     try:
+        error = _syntax_error(str(code))
+        if error:
+            return _result(False, "syntax", note=error[:500])
         return _sandbox(str(code), str(test), str(entry_point), float(timeout), int(memory_mb))
     except Exception as e:
         return _result(False, "error", note=f"sandbox failure: {e!r}"[:200])

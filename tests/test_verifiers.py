@@ -283,6 +283,16 @@ def test_syntax_error_and_missing_entry_point():
     assert not r["passed"] and r["reason"] == "error"
 
 
+def test_code_that_cannot_parse_is_judged_without_a_sandbox(monkeypatch):
+    started = []
+    monkeypatch.setattr(V, "_sandbox", lambda *a: started.append(a) or V._result(True, "passed"))
+    r = V.run_code("def add(a, b) return a\n", ADD_TEST, "add")
+    assert not r["passed"] and r["reason"] == "syntax" and "SyntaxError" in r["detail"] and not started
+    assert V.run_code("def add(a, b):\n    return a + b\n", ADD_TEST, "add")["passed"] and len(started) == 1
+    V.run_code("x = 1" + "+1" * 90000, ADD_TEST, "add")  # the parser itself gives up (RecursionError)
+    assert len(started) == 2  # ... so the sandbox decides
+
+
 def test_infinite_loop_times_out():
     for code in ["while True:\n    pass\n", "import time\ntime.sleep(60)\n"]:
         r, dt = run(code, timeout=1.0)
