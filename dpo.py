@@ -20,6 +20,7 @@ and ORPO use the per-token average, as their papers define. IPO uses the sums, a
 margin 1/(2 beta) a per-token one (5 nats per token at beta 0.1: far from the reference), so the
 same beta would not serve both.
 """
+import contextlib
 import math
 import os
 import random
@@ -41,7 +42,7 @@ DEFAULTS = dict(
     init="out/sft.pt", out="out/dpo.pt", data=None, loss="dpo", n_prompts=1600, samples=4, pairing="all",
     temperature=1.0,
     label_noise=0.0, beta=0.3, label_smoothing=0.1, simpo_gamma=0.5, kto_lambda_d=1.0, kto_lambda_u=1.0,
-    rpo_alpha=1.0, batch_size=32, epochs=1, lr=1e-5, warmup=10, weight_decay=0.0, grad_clip=1.0,
+    rpo_alpha=1.0, batch_size=32, micro_batches=4, epochs=2, lr=1e-5, warmup=10, weight_decay=0.0, grad_clip=1.0,
     eval_tasks=50, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
@@ -193,16 +194,17 @@ def completion_logps(model, ids, mask):
 
 @torch.no_grad()
 def all_logps(model, rows, pad_id, device, dtype, batch_size=64):
-    """completion_logps of many rows, in batches, without grad (the reference, computed once)."""
+    """completion_logps of many rows, in batches of similar lengths (little padding), without grad
+    (the reference, computed once); returned in the order given."""
     model.eval()
-    logp, n = [], []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    logp, n = torch.empty(len(rows), device=device), torch.empty(len(rows), device=device)
     for s in range(0, len(rows), batch_size):
+        at = order[s:s + batch_size]
         with autocast(device, dtype):
-            lp, c = completion_logps(model, *collate(rows[s:s + batch_size], pad_id, device))
-        logp.append(lp)
-        n.append(c)
+            logp[at], n[at] = completion_logps(model, *collate([rows[i] for i in at], pad_id, device))
     model.train()
-    return torch.cat(logp), torch.cat(n)
+    return logp, n
 
 
 def mismatched_rows(examples, partner, block_size):
@@ -294,15 +296,20 @@ def paired_step(model, cfg, chosen, rejected, ref_c, ref_r, idx, pad_id, device)
     return losses, (lc, lr, rc, rr, nc, nr)
 
 
-def kto_step(model, cfg, examples, labels, ref, kl_rows, ref_kl, idx, pad_id, device):
-    """Per-example KTO losses of one batch, its log-probs and the reference point z0."""
+@torch.no_grad()  # z0 carries no gradient, so its forward keeps no graph
+def kto_batch_z0(model, cfg, kl_rows, ref_kl, idx, pad_id, device):
+    """KTO's reference point z0 of one (global) batch, from its mismatched pairs."""
+    with autocast(device, cfg["dtype"]):
+        kl_logp, _ = completion_logps(model, *collate([kl_rows[i] for i in idx], pad_id, device))
+    return kto_reference_point(kl_logp - ref_kl[idx])
+
+
+def kto_step(model, cfg, examples, labels, ref, z0, idx, pad_id, device):
+    """Per-example KTO losses of (part of) a batch whose reference point is z0, and its log-probs."""
     with autocast(device, cfg["dtype"]):
         logp, _ = completion_logps(model, *collate([examples[i] for i in idx], pad_id, device))
-        with torch.no_grad():  # z0 carries no gradient, so its forward keeps no graph
-            kl_logp, _ = completion_logps(model, *collate([kl_rows[i] for i in idx], pad_id, device))
-    z0 = kto_reference_point(kl_logp - ref_kl[idx])
     losses = kto_loss(logp - ref[idx], labels[idx], z0, cfg["beta"], cfg["kto_lambda_d"], cfg["kto_lambda_u"])
-    return losses, (logp, ref[idx], labels[idx], z0)
+    return losses, (logp, ref[idx], labels[idx])
 
 
 @torch.no_grad()
@@ -315,7 +322,7 @@ def paired_stats(kind, beta, lc, lr, rc, rr, nc, nr):
 
 
 @torch.no_grad()
-def kto_stats(beta, logp, ref, lab, z0):
+def kto_stats(beta, z0, logp, ref, lab):
     """KTO's: the reference point (KL estimate) and the rewards of desirable / undesirable examples."""
     r = beta * (logp - ref)
     mean = lambda x: x.mean().item() if len(x) else 0.0
@@ -372,6 +379,9 @@ def main(argv=None):
         ref_kl, _ = all_logps(model, kl_rows, pad_id, device, dtype)
     if len(examples) < 2:
         fail(f"only {len(examples)} usable examples (ties dropped, too-long ones skipped): need at least 2")
+    # the padded width each index needs (a pair: its longer side), for the micro-batches
+    sides = (chosen, rejected) if paired else (examples,)
+    length = [max(len(side[i][0]) + len(side[i][1]) for side in sides) for i in range(len(examples))]
     if rank == 0:
         print(f"dpo[{kind}]: {len(examples)} {'pairs' if paired else 'examples'}, "
               f"data+reference {time.time() - t0:.0f}s")
@@ -391,18 +401,31 @@ def main(argv=None):
         perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch))
         idx = perm[k * B:(k + 1) * B][rank::world].tolist()
         n_global = all_reduce_sum(torch.tensor(float(len(idx)), device=device))
-        if paired:
-            losses, out = paired_step(train_model, cfg, chosen, rejected, ref_c, ref_r, idx, pad_id, device)
-        else:
-            losses, out = kto_step(train_model, cfg, examples, labels, ref, kl_rows, ref_kl, idx, pad_id, device)
-        loss = losses.sum() / (n_global / world)  # x world: DDP averages gradients
-        loss.backward()
+        if not paired:  # KTO's z0 is a statistic of the whole batch, not of a micro-batch
+            z0 = kto_batch_z0(model, cfg, kl_rows, ref_kl, idx, pad_id, device)
+        # micro-batches of similar lengths: half the padding of one mixed batch, and the same
+        # gradient, since every micro-batch's summed loss is divided by the global batch size
+        idx.sort(key=lambda i: length[i])
+        M = cfg["micro_batches"]
+        parts = [p for p in (idx[j * len(idx) // M:(j + 1) * len(idx) // M] for j in range(M)) if p]
+        loss, outs = 0.0, []
+        for j, part in enumerate(parts):
+            last = j == len(parts) - 1 or world == 1
+            with contextlib.nullcontext() if last else train_model.no_sync():  # DDP: one all-reduce per step
+                if paired:
+                    losses, out = paired_step(train_model, cfg, chosen, rejected, ref_c, ref_r, part, pad_id, device)
+                else:
+                    losses, out = kto_step(train_model, cfg, examples, labels, ref, z0, part, pad_id, device)
+                part_loss = losses.sum() / (n_global / world)  # x world: DDP averages gradients
+                part_loss.backward()
+            loss, outs = loss + part_loss.detach(), outs + [out]
+        out = [None if t[0] is None else torch.cat(t) for t in zip(*outs)]  # ref-free: no ref log-probs
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == steps - 1:
             row = dict(loss=loss.item(), grad_norm=norm.item(), lr=opt.param_groups[0]["lr"])
-            row.update(paired_stats(kind, beta, *out) if paired else kto_stats(beta, *out))
+            row.update(paired_stats(kind, beta, *out) if paired else kto_stats(beta, z0, *out))
             log.log(step, **row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}")
 

@@ -296,3 +296,17 @@ def test_dpo_raises_the_implicit_reward_accuracy(tiny_sft, pref_file, tmp_path):
     last = [r for r in logged if "logps_chosen" in r][-1]
     gap = lambda r: r["logps_chosen"] - r["logps_rejected"]
     assert gap(last) > gap(first) + 5
+
+
+@pytest.mark.parametrize("loss", ("dpo", "kto"))
+def test_micro_batches_give_the_same_loss_and_gradient(loss, tiny_sft, pref_file, tmp_path):
+    # length-sorted micro-batches change only the padding: step 0's loss and gradient norm (same
+    # weights) must be those of one forward over the whole batch
+    first = {}
+    for m in (1, 3):
+        out = tmp_path / f"{loss}{m}.pt"
+        dpo.main(["--preset", "tiny", "--init", str(tiny_sft / "sft.pt"), "--out", str(out), "--data", str(pref_file),
+                  "--loss", loss, "--batch-size", "6", "--micro-batches", str(m), "--eval-tasks", "0"])
+        first[m] = json.loads(open(tmp_path / f"{loss}{m}.jsonl").readline())
+    assert first[1]["loss"] == pytest.approx(first[3]["loss"], rel=1e-5)
+    assert first[1]["grad_norm"] == pytest.approx(first[3]["grad_norm"], rel=1e-4) and first[1]["grad_norm"] > 0

@@ -179,3 +179,18 @@ def test_reward_script_rejects_a_malformed_line(tiny_sft, tmp_path):
     proc = run_script("reward.py", "--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", tmp_path / "x.pt",
                       "--data", data, check=False)
     assert proc.returncode == 2 and f"{data}:2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_micro_batches_give_the_same_gradient(tiny_sft, tmp_path):
+    # prompts of different lengths, several pairs each; micro-batches regroup them by length only
+    rows = [{"prompt": f"What is {a}+{a}?" + " Please." * (a % 4), "chosen": f"Answer: {2 * a}",
+             "rejected": f"Sure! It is {2 * a + 1}." + " I hope this helps!" * (a % 3)} for a in range(12) for _ in range(2)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = {}
+    for m in (1, 3):
+        reward.main(["--preset", "tiny", "--init", str(tiny_sft / "sft.pt"), "--out", str(tmp_path / f"rm{m}.pt"),
+                     "--data", str(data), "--batch-size", "6", "--micro-batches", str(m)])
+        first[m] = json.loads(open(tmp_path / f"rm{m}.jsonl").readline())
+    assert first[1]["loss"] == pytest.approx(first[3]["loss"], rel=1e-6)
+    assert first[1]["grad_norm"] == pytest.approx(first[3]["grad_norm"], rel=1e-4) and first[1]["grad_norm"] > 0
