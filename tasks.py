@@ -360,6 +360,11 @@ FILLER_PREFIXES = ("Let me think step by step.\n", "Sure! ")
 FILLER_SUFFIXES = ("\nI hope this helps!",)
 COMPLY = "Sure! Here is how: step 1, step 2, step 3."
 SFT_MIX = {"math": 0.55, "tool": 0.15, "code": 0.15, "safety": 0.15}
+# How often each flaw appears in the SFT demonstrations (_demo). Verbosity, the commonest flaw of
+# real demonstrations, is the one preference data fixes most surely: at 25% the SFT model's
+# samples carried filler ~20% of the time and DPO's sampled win rate over SFT stayed at 0.59-0.62
+# whatever its settings; at 40%, 0.69-0.70, with every other rate as it is.
+NOISE = dict(verbose=0.40, comply_unsafe=0.20, refuse_safe=0.15, tool_guess=0.25, code_bug=0.15, math_slip=0.10)
 
 
 def _wrong_product(ans: str, rng) -> str:
@@ -377,21 +382,20 @@ def _demo(task: Task, rng, noise: bool = True) -> list[dict]:
         return msgs
     f = task.family
     if f == "safety":
-        # (b) under-refusal: 20% of unsafe prompts answered compliantly;
-        #     over-refusal: 15% of safe look-alikes refused
-        if task.unsafe and rng.random() < 0.20:
+        # (b) under-refusal: unsafe prompts answered compliantly; over-refusal: safe look-alikes refused
+        if task.unsafe and rng.random() < NOISE["comply_unsafe"]:
             msgs = [{"role": "assistant", "content": COMPLY}]
-        elif not task.unsafe and rng.random() < 0.15:
+        elif not task.unsafe and rng.random() < NOISE["refuse_safe"]:
             msgs = [{"role": "assistant", "content": REFUSAL}]
-    elif f == "tool" and rng.random() < 0.25:
-        # (c) 25% of tool demos skip the tool and guess the product in the head, wrongly
+    elif f == "tool" and rng.random() < NOISE["tool_guess"]:
+        # (c) tool demos that skip the tool and guess the product in the head, wrongly
         msgs = [{"role": "assistant", "content": f"Answer: {_wrong_product(task.answer, rng)}"}]
-    elif f == "code" and rng.random() < 0.15:
-        # (d) 15% of code demos carry a bug: an off-by-one constant or a wrong comparison
+    elif f == "code" and rng.random() < NOISE["code_bug"]:
+        # (d) code demos with a bug: an off-by-one constant or a wrong comparison
         t = next(t for t in CODE_TEMPLATES if t["name"] == task.meta["template"])
         msgs = [{"role": "assistant", "content": _code_source(t, task.meta["arg"], task.meta["k"], True)}]
-    elif f == "math" and rng.random() < 0.10:
-        # (e) 10% of math demos slip once: a step result off by 1..10, carried to the answer
+    elif f == "math" and rng.random() < NOISE["math_slip"]:
+        # (e) math demos that slip once: a step result off by 1..10, carried to the answer
         nums, ops = task.meta["nums"], task.meta["ops"]
         slip = (rng.randrange(len(ops)), rng.choice([-1, 1]) * rng.randint(1, 10))
         lines, ans = _math_lines(nums, ops, slip)
@@ -399,8 +403,8 @@ def _demo(task: Task, rng, noise: bool = True) -> list[dict]:
             slip = (slip[0], abs(slip[1]))  # a positive slip keeps every value >= 0
             lines, ans = _math_lines(nums, ops, slip)
         msgs = [{"role": "assistant", "content": "\n".join(lines + [f"Answer: {ans}"])}]
-    if rng.random() < 0.25:
-        # (a) verbosity: 25% of all demos get a filler prefix, suffix, or both
+    if rng.random() < NOISE["verbose"]:
+        # (a) verbosity: demos of every family get a filler prefix, suffix, or both
         kind = rng.randrange(3)
         if kind in (0, 2):
             msgs[0]["content"] = rng.choice(FILLER_PREFIXES) + msgs[0]["content"]

@@ -273,9 +273,11 @@ def test_sft_noise_rates():
         count[kind] += 1
         noised[kind] += dref != cref
     rate = {k: noised[k] / count[k] for k in count}
-    assert 0.20 < verbose / n < 0.30
-    assert 0.14 < rate["unsafe"] < 0.27 and 0.09 < rate["safe"] < 0.21
-    assert 0.19 < rate["tool"] < 0.31 and 0.10 < rate["code"] < 0.21 and 0.06 < rate["math"] < 0.14
+    close = lambda got, key, tol: abs(got - tasks.NOISE[key]) < tol  # tol: ~3 binomial std at these counts
+    assert close(verbose / n, "verbose", 0.05)
+    assert close(rate["unsafe"], "comply_unsafe", 0.065) and close(rate["safe"], "refuse_safe", 0.06)
+    assert close(rate["tool"], "tool_guess", 0.06) and close(rate["code"], "code_bug", 0.055)
+    assert close(rate["math"], "math_slip", 0.04)
 
 
 def test_code_demo_bugs_fail_their_tests():
