@@ -41,7 +41,7 @@ from model import CheckpointError, load_checkpoint, save_checkpoint, token_logpr
 DEFAULTS = dict(
     init="out/dpo.pt", out="out/grpo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
     steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
-    advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=64,
+    advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=32,
     eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.2,
     dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0, rollout_chunk=0,
     lr=1e-5, warmup=3, weight_decay=0.0, grad_clip=1.0,
@@ -102,6 +102,34 @@ def select_rows(batch, rows):
     return out
 
 
+def length_chunks(batch, rows, size):
+    """rows (1-D index tensor) sorted by length, cut into chunks of <= size rows, each with the
+    column range [lo, hi) its rows use: [(chunk rows, lo, hi)]. In a mixed batch most of the
+    (B, T) grid is padding (a 20-token answer beside a 96-token working: 35% real cells at the
+    default preset), and a forward pays for every cell; sorted and trimmed chunks hold ~60%.
+    One host sync per call, for the column ranges."""
+    attn = batch["attn_mask"][rows].bool()
+    cols = torch.arange(attn.shape[1], device=attn.device)
+    first = torch.where(attn, cols, attn.shape[1]).amin(1)
+    last = torch.where(attn, cols, -1).amax(1)
+    order = (last - first).argsort(stable=True)
+    out = []
+    for piece in order.split(size):
+        lo, hi = torch.stack([first[piece].min(), last[piece].max() + 1]).tolist()
+        out.append((rows[piece], lo, max(hi, lo + 2)))  # >= 2 columns: one target at least
+    return out
+
+
+def trimmed(batch, rows, lo, hi):
+    """select_rows, keeping only columns [lo, hi) (pads for every one of these rows outside):
+    positions come from the attention mask, so each token keeps its own. resp_mask and every
+    (B, T-1) tensor aligned with the targets take columns [lo, hi - 1)."""
+    sub = select_rows(batch, rows)
+    sub.update(ids=sub["ids"][:, lo:hi], attn_mask=sub["attn_mask"][:, lo:hi],
+               resp_mask=sub["resp_mask"][:, lo:hi - 1], prompt_len=max(0, sub["prompt_len"] - lo))
+    return sub
+
+
 def concat_rollouts(parts, pad_id):
     """Stack rollouts whose prompt (P) and response (N) widths differ: prompts are re-padded on
     the left, responses on the right. Group ids are renumbered to stay unique."""
@@ -136,12 +164,15 @@ def policy_logprobs(model, batch, temperature, entropy=False):
 
 @torch.no_grad()
 def batched_logprobs(model, batch, temperature, micro_batch=64, dtype="fp32"):
-    """policy_logprobs without grad, micro_batch rows at a time (old / reference log-probs), under
-    the same autocast as the training forward so that ρ = 1 holds on a GPU too."""
-    ids, attn, device = batch["ids"], batch["attn_mask"], batch["ids"].device
-    with autocast(device, dtype):
-        return torch.cat([policy_logprobs(model, dict(ids=ids[s:s + micro_batch], attn_mask=attn[s:s + micro_batch]),
-                                          temperature) for s in range(0, ids.shape[0], micro_batch)])
+    """policy_logprobs without grad (old / reference log-probs): (B, T-1), 0 outside each row's
+    columns. Length-sorted, trimmed chunks of micro_batch rows (length_chunks), the chunks
+    update forms, under the same autocast as the training forward, so ρ = 1 holds on a GPU too."""
+    out = torch.zeros(batch["resp_mask"].shape, device=batch["ids"].device)
+    rows = torch.arange(out.shape[0], device=out.device)
+    with autocast(out.device, dtype):
+        for part, lo, hi in length_chunks(batch, rows, micro_batch):
+            out[part, lo:hi - 1] = policy_logprobs(model, trimmed(batch, part, lo, hi), temperature).float()
+    return out
 
 
 # ----------------------------------------------------------------------------- advantage and loss kernels
@@ -342,29 +373,32 @@ def update(model, ref_model, opt, batch, adv_tok, cfg, old_logp=None, ref_logp=N
         ref_logp = batched_logprobs(ref_model, batch, T, micro, dtype)
     sums = {k: torch.zeros((), device=device)
             for k in ("loss", "clip", "approx_kl", "kl_ref", "kl_seq", "entropy", "n", "n_ent", "gn")}
-    first, n_steps, live = None, 0, batch.get("live")
+    first, n_steps = None, 0
+    live = torch.ones(B, device=device) if batch.get("live") is None else batch["live"].float()
+    max_len = g("max_new_tokens", None) or mask.shape[1]  # Dr. GRPO's constant, whatever a chunk's width
     for it in range(mu):
         for rows in minibatch_rows(batch, n_mb):
-            keep = torch.ones(len(rows), device=device) if live is None else live[rows].float()
+            weight = live
             if len(rows) == 0:  # DDP: no row of this minibatch is here; a masked-out row still joins the all-reduce
-                rows, keep = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device)
-            norm = global_norm(mask[rows] * keep[:, None], mode, keep)
-            chunks, keeps = rows.split(micro), keep.split(micro)
-            for j, (mrows, mkeep) in enumerate(zip(chunks, keeps)):
-                m = mask[mrows] * mkeep[:, None]
+                rows, weight = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(B, device=device)
+            norm = global_norm(mask[rows] * weight[rows, None], mode, weight[rows])
+            chunks = length_chunks(batch, rows, micro)
+            for j, (mrows, lo, hi) in enumerate(chunks):
+                cut = lambda x: x[mrows, lo:hi - 1]  # this chunk's rows and columns of a (B, T-1) tensor
+                m = cut(mask) * weight[mrows, None]
                 # DDP: all-reduce the gradients once per minibatch, after its last micro-batch
                 last = j == len(chunks) - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if last else model.no_sync():
                     with autocast(device, dtype):
-                        logp, ent = policy_logprobs(model, select_rows(batch, mrows), T, entropy=True)
-                    old = logp.detach() if old_logp is None else old_logp[mrows]
-                    loss_tok, clipped = clipped_surrogate(logp, old, adv_tok[mrows], g("eps_low", 0.2),
+                        logp, ent = policy_logprobs(model, trimmed(batch, mrows, lo, hi), T, entropy=True)
+                    old = logp.detach() if old_logp is None else cut(old_logp)
+                    loss_tok, clipped = clipped_surrogate(logp, old, cut(adv_tok), g("eps_low", 0.2),
                                                           g("eps_high", 0.2), g("dual_clip", 0.0))
                     if kl_kind != "off":
-                        kl = kl_estimate(logp, ref_logp[mrows], kl_kind)
+                        kl = kl_estimate(logp, cut(ref_logp), kl_kind)
                         loss_tok = loss_tok + beta * kl  # KL in the loss, not in the reward (GRPO eq. 3)
                         sums["kl_ref"] += (kl.detach() * m).sum()
-                    loss = aggregate(loss_tok, m, mode, norm, g("max_new_tokens", None))
+                    loss = aggregate(loss_tok, m, mode, norm, max_len)
                     loss.backward()
                 with torch.no_grad():
                     log_ratio = logp.detach() - old
@@ -376,7 +410,7 @@ def update(model, ref_model, opt, batch, adv_tok, cfg, old_logp=None, ref_logp=N
                         sums["entropy"] += (ent * m).sum()
                         sums["n_ent"] += m.sum()
                         if ref_logp is not None:  # old = the sampling policy on this first pass
-                            sums["kl_seq"] += ((old - ref_logp[mrows]) * m).sum() / B
+                            sums["kl_seq"] += ((old - cut(ref_logp)) * m).sum() / B
                     if first is None:
                         first = dict(first_mb_ratio_err=((log_ratio.exp() - 1).abs() * m).amax(),
                                      first_mb_clip_frac=(clipped.float() * m).sum() / m.sum().clamp(min=1))

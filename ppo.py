@@ -34,7 +34,7 @@ from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 DEFAULTS = dict(
     init="out/dpo.pt", out="out/ppo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
     critic_init="rm", steps=24, batch_size=64, max_new_tokens=96, temperature=1.0,
-    epochs=2, minibatches=2, micro_batch=64, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
+    epochs=2, minibatches=2, micro_batch=16, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
     kl_coef=0.1, kl_target=0.0, kl_horizon=10000, missing_eos_penalty=1.0,
     lr=1e-5, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
     gold_every=5, eval_tasks=50, curve=False, bon_prompts=32, bon_n=64, seed=0, device="auto", dtype="bf16",
@@ -140,9 +140,11 @@ def make_experience(model, ref_model, critic, batch, scores, kl_coef, cfg):
     T, micro, dtype, mask = cfg["temperature"], cfg["micro_batch"], cfg["dtype"], batch["resp_mask"]
     old_logp = grpo.batched_logprobs(model, batch, T, micro, dtype)
     ref_logp = grpo.batched_logprobs(ref_model, batch, T, micro, dtype)  # same temperature for both
+    values = torch.zeros_like(mask)
     with autocast(batch["ids"].device, dtype):
-        values = torch.cat([critic_values(critic, grpo.select_rows(batch, torch.arange(s, min(s + micro, len(mask)))))
-                            for s in range(0, len(mask), micro)]) * mask
+        for rows, lo, hi in grpo.length_chunks(batch, torch.arange(len(mask), device=mask.device), micro):
+            values[rows, lo:hi - 1] = critic_values(critic, grpo.trimmed(batch, rows, lo, hi))
+    values = values * mask
     kl = (old_logp - ref_logp) * mask  # k1 per token: the KL penalty sits in the reward (Ziegler et al. 2019 eq. 2)
     last, _ = grpo.last_valid(mask)
     rewards = (-kl_coef * kl).scatter_add(1, last[:, None], scores[:, None].float())  # score on the last sampled token
@@ -158,11 +160,12 @@ def critic_update(critic, opt, batch, exp, cfg):
     for _ in range(cfg["epochs"]):
         for rows in torch.randperm(B, device=device).chunk(cfg["minibatches"]):
             norm = grpo.global_norm(mask[rows], "token-mean")
-            for mrows in rows.split(cfg["micro_batch"]):
-                m = mask[mrows]
+            for mrows, lo, hi in grpo.length_chunks(batch, rows, cfg["micro_batch"]):
+                cut = lambda x: x[mrows, lo:hi - 1]  # this chunk's rows and columns
+                m = cut(mask)
                 with autocast(device, cfg["dtype"]):
-                    v = critic_values(critic, grpo.select_rows(batch, mrows))
-                loss_tok, clipped = value_loss(v, exp["values"][mrows], exp["returns"][mrows], cfg["vf_clip"])
+                    v = critic_values(critic, grpo.trimmed(batch, mrows, lo, hi))
+                loss_tok, clipped = value_loss(v, cut(exp["values"]), cut(exp["returns"]), cfg["vf_clip"])
                 loss = grpo.aggregate(loss_tok, m, "token-mean", norm)
                 loss.backward()
                 sums["loss"] += loss.detach() * norm

@@ -361,19 +361,13 @@ def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
 
 
 def length_minibatches(batch, n):
-    """Rows sorted by length and cut into n minibatches, each trimmed to the columns its rows use.
-    In a mixed batch most of the (B,T) grid is padding (20-token code next to 96-token math), and
-    the forward pays for every cell: grouping by length (as HF's group_by_length) cuts it by ~1/3.
-    Returns [(rows, lo, hi, sub_batch)]; sub_batch covers ids[:, lo:hi], targets lo..hi-2."""
-    out = []
-    for rows in batch["attn_mask"].sum(1).argsort().chunk(n):
-        cols = batch["attn_mask"][rows].any(0).nonzero().flatten()
-        lo, hi = int(cols[0]), int(cols[-1]) + 1
-        sub = grpo.select_rows(batch, rows)
-        sub.update(ids=sub["ids"][:, lo:hi], attn_mask=sub["attn_mask"][:, lo:hi],
-                   resp_mask=sub["resp_mask"][:, lo:hi - 1], prompt_len=sub["prompt_len"] - lo)
-        out.append((rows, lo, hi, sub))
-    return out
+    """Rows sorted by length and cut into n minibatches (as HF's group_by_length), each trimmed to
+    the columns its rows use (grpo.length_chunks). Returns [(rows, lo, hi, sub_batch)]; sub_batch
+    covers ids[:, lo:hi], targets lo..hi-2."""
+    B = batch["ids"].shape[0]
+    rows = torch.arange(B, device=batch["ids"].device)
+    return [(part, lo, hi, grpo.trimmed(batch, part, lo, hi))
+            for part, lo, hi in grpo.length_chunks(batch, rows, -(-B // n))]
 
 
 def policy_step(model, ref_model, opt, batch, rewards, cfg):

@@ -1,6 +1,7 @@
 """grpo.py: the advantage, KL and loss kernels against hand-computed values and slow obvious
 implementations, the rollout contract, micro-batch invariance, a smoke run of the script for
 every advantage estimator, and a bandit that GRPO must learn."""
+import copy
 import json
 import math
 import os
@@ -227,6 +228,32 @@ def test_token_mean_invariant_to_micro_batches(model, tok):
             aggregate(loss_tok, sub["resp_mask"], "token-mean", norm=norm).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", grpo.LOSS_AGG)
+def test_update_is_the_same_in_length_sorted_trimmed_chunks(model, tok, mode):
+    """update's micro-batches are rows sorted by length, each cut to the columns it uses: the
+    log-probs, and the step they give, must be those of the whole batch at once."""
+    batch = grpo.rollout(model, tok, ["What is 11+2?", "hi", "def f(x):"], 2, 6, 1.0, tools=False)
+    batch["resp_mask"][0, -2:] = 0  # a shorter response: chunks of different widths
+    batch["attn_mask"][0, -2:] = 0
+    full = grpo.policy_logprobs(model, batch, 1.0).detach()
+    chunked = grpo.batched_logprobs(model, batch, 1.0, micro_batch=2)
+    real = batch["attn_mask"][:, :-1] * batch["attn_mask"][:, 1:]  # a real token predicted from a real one
+    assert torch.allclose(chunked * real, full * real, atol=1e-5)
+    torch.manual_seed(1)
+    adv = torch.randn(6)[:, None] * batch["resp_mask"]
+    old = full + 0.05 * torch.randn_like(full)
+    after = []
+    for micro in (6, 2):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        grpo.update(m, None, opt, batch, adv, dict(micro_batch=micro, loss_agg=mode, max_new_tokens=6, grad_clip=1e9),
+                    old_logp=old)
+        after.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after[0] - before).abs().max() > 1e-4  # the step did something ...
+    assert torch.allclose(after[0], after[1], atol=1e-6)  # ... and the same in chunks
 
 
 # ----------------------------------------------------------------------------- rollout contract
