@@ -5,8 +5,8 @@
             conversations the student matches the teacher's whole next-token distribution,
             under --div forward | reverse | jsd (--beta), --temperature on both sides and
             --teacher-temperature sharpening the teacher's alone, plus
-            --ce-weight x the cross-entropy on the data's own tokens (Hinton's hard-label term:
-            at 800 steps, math 0.30 -> 0.33 of the teacher's 0.34, tool 0.92 -> 0.995).
+            --ce-weight x the cross-entropy on the data's own tokens (Hinton's hard-label term;
+            0 by default: the SFT data's labels carry its flaws).
   seq       sequence-level KD (Kim & Rush 2016): fine-tune on the teacher's own answers to the
             training prompts, keeping only those a verifier accepts where the task has one
             (rejection-sampling distillation).
@@ -56,18 +56,21 @@ from data import DataError, as_messages, generate_responses, pad, read_jsonl, re
 from model import GPT, CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
 from sft import drill_rows, encode_all, load_drills, make_batch, masked_loss, val_conversations
 
-# Measured on 400 test problems (`evaluate.py --n 400`), teacher 0.80, student greedy math at seeds
-# 0 and 1: this default 0.815 and 0.730, the hard-label baseline 0.773 and 0.750. The sharpened
-# teacher (--teacher-temperature 0.5) adds little greedy (1.0: 0.800 and 0.725) but much sampled
-# math (temperature 1, 2 samples of 400 other problems: 0.64 and 0.54 against 0.53 and 0.46;
-# baseline 0.62 and 0.56). At 1.0: --div reverse 0.730 and 0.575; --temperature 2 0.745 (seed 0);
-# --noise true 0.703, its baseline 0.688 (seed 0).
+# The data is sft.py's (--noise true): the demonstrations a real project has, flaws included. On
+# the world's clean references instead (--noise false, an oracle no project has) the hard labels
+# are better than any teacher and the baseline ties the student (head to head, sampled: 0.51).
+# On the SFT data (evaluate.py --n 200, teacher math 0.85): student math 0.78, refusal of unsafe
+# requests 1.00 and over-refusal 0.00, against the baseline's 0.77, 0.61 and 0.13; head to head
+# the student wins 0.755 of sampled comparisons. --ce-weight 0 by default, since Hinton's
+# hard-label term here would teach the flaws back (0.2: 0.729 head to head; 0.5: 0.654). The
+# sharpened teacher (--teacher-temperature 0.5) is what makes the student's samples good: with
+# the teacher as it is, the student copies its hesitations too.
 # lr 3e-3 was chosen when pruning still dropped the teacher's costliest head (0.72 and 0.52, against
 # 0.66 and 0.49 at 2e-3). A problem is right only if every column fact in it is, so a small
 # difference in how well the student learned the fact table is a large one in answers.
 DEFAULTS = dict(
-    init="out/rlvr.pt", out="out/student.pt", data=None, noise=False, n_train=20000, n_val=200,
-    mode="logit", div="forward", beta=0.5, temperature=1.0, teacher_temperature=0.5, top_k=0, lmbda=0.5, ce_weight=0.5,
+    init="out/rlvr.pt", out="out/student.pt", data=None, noise=True, n_train=20000, n_val=200,
+    mode="logit", div="forward", beta=0.5, temperature=1.0, teacher_temperature=0.5, top_k=0, lmbda=0.5, ce_weight=0.0,
     student_layers=3, student_width=64, student_heads=0, student_init="teacher",
     seq_prompts=2000, seq_temperature=1.0, max_new_tokens=96, baseline=True,
     drill_steps=100, drill_batch=128, drill_demos=16,
@@ -285,9 +288,9 @@ def make_student(teacher, tok, cfg, calib, device):
 
 def load_conversations(cfg):
     """Training conversations: --data (messages or prompt/completion JSONL) or the built-in
-    world's clean demonstrations (the student should learn answers, not the noise). --noise true
-    uses them as sft.py does, imperfections included: the hard-label baseline then learns the
-    imperfections back, while the student learns what the teacher made of them."""
+    world's SFT demonstrations as sft.py sees them, imperfections included: the hard-label
+    baseline learns the imperfections back, while the student learns what the teacher made of
+    them. --noise false gives the world's clean references instead (an oracle)."""
     if cfg["data"] is None:
         return [c["messages"] for c in tasks.sft_conversations(cfg["n_train"], seed=cfg["seed"], noise=cfg["noise"])]
     if not os.path.exists(cfg["data"]):
@@ -424,12 +427,15 @@ def train(student, teacher, tok, examples, prompts, mode, cfg, device, rank, wor
     return student.eval()
 
 
-def score_on_test(model, tok, n):
-    """evaluate.quick_eval's metrics on the test split, with n math and n tool tasks (the
-    distillation targets: more tasks, tighter numbers) and at most 60 code and safety tasks (their
-    test splits hold only ~80 and ~67 distinct prompts); the first 60 of each are quick_eval's."""
-    task_list = [t for f in tasks.FAMILIES
-                 for t in tasks.make_tasks(f, "test", n if f in ("math", "tool") else min(n, 60), seed=1234)]
+def eval_set(n):
+    """n math and n tool tasks of the test split (the distillation targets: more tasks, tighter
+    numbers) and at most 60 code and safety tasks (their test splits hold only ~80 and ~67
+    distinct prompts); the first 60 of each are evaluate.quick_eval's."""
+    return [t for f in tasks.FAMILIES for t in tasks.make_tasks(f, "test", n if f in ("math", "tool") else min(n, 60), seed=1234)]
+
+
+def score_on_test(model, tok, task_list):
+    """evaluate.quick_eval's metrics (greedy) on task_list."""
     texts, lengths = evaluate.respond(model, tok, task_list)
     return evaluate.score_responses(task_list, texts, lengths)
 
@@ -491,15 +497,23 @@ def main(argv=None):
         metrics["baseline"] = dict(kl_to_teacher=kl_to_teacher(runs["baseline"], teacher, val, tok.pad_id, device),
                                    train_s=time.time() - t1)
     if rank == 0 and cfg["eval_tasks"]:
-        results = {name: score_on_test(m, tok, cfg["eval_tasks"]) for name, m in [("teacher", teacher)] + list(runs.items())}
+        test = eval_set(cfg["eval_tasks"])
+        results = {name: score_on_test(m, tok, test) for name, m in [("teacher", teacher)] + list(runs.items())}
         metrics.update(results["student"])
         metrics["teacher"] = results["teacher"]
+        print(f"distill: test split, {cfg['eval_tasks']} math and tool tasks, <= 60 code and safety")
         if "baseline" in results:
             metrics["baseline"].update(results["baseline"])
-        print(f"distill: test split, {cfg['eval_tasks']} math and tool tasks, <= 60 code and safety")
+            # head to head on samples (temperature 1, 2 a task): the whole distribution, which is
+            # where the data's flaws live (greedy answers keep only the mode)
+            twice = [t for t in test for _ in range(2)]
+            metrics["gold_winrate_vs_baseline_t1"] = evaluate.gold_winrate(
+                twice, evaluate.sample_texts(student, tok, test, n=2), evaluate.sample_texts(runs["baseline"], tok, test, n=2))
+            print(f"  student vs baseline, gold win rate of samples: {metrics['gold_winrate_vs_baseline_t1']:.3f}")
         for name, r in results.items():
             print(f"  {name:9s} " + "  ".join(f"{k} {r.get(k, float('nan')):.3f}" for k in
-                                            ("math_acc", "tool_acc", "code_pass1", "refusal_unsafe", "format")))
+                                            ("math_acc", "tool_acc", "code_pass1", "refusal_unsafe", "overrefusal_safe",
+                                             "format")))
         for k in ("math_acc", "tool_acc"):
             if results["teacher"].get(k):
                 metrics[f"{k}_vs_teacher"] = results["student"][k] / results["teacher"][k]

@@ -38,10 +38,14 @@ from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimi
 from data import DataError, generate_responses, pad_prompts, read_jsonl
 from model import CheckpointError, load_checkpoint, save_checkpoint, token_logprobs
 
+# Dr. GRPO's advantages by default: GRPO's division by the group's std gives every group unit-scale
+# advantages however little the reward model's scores differ in it, which with a learned, noisy
+# reward is noise made loud. Measured from the DPO policy (32 prompts a step, lr 3e-5): --advantage
+# grpo collapsed code (sampled pass 0.28, gold win rate vs init 0.43); dr_grpo won 0.53.
 DEFAULTS = dict(
     init="out/dpo.pt", out="out/grpo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
     steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
-    advantage="grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=32,
+    advantage="dr_grpo", loss_agg="token-mean", iterations=1, minibatches=1, micro_batch=32,
     eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl="k3", beta=0.2,
     dynamic_sampling=False, ds_max_tries=3, missing_eos_penalty=1.0, rollout_chunk=0,
     lr=1e-5, warmup=3, weight_decay=0.0, grad_clip=1.0,
