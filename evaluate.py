@@ -3,10 +3,13 @@
     python evaluate.py out/base.pt out/sft.pt ...      # one row per checkpoint
     python evaluate.py --out-dir out                    # every stage checkpoint found in out/
     python evaluate.py out/rlvr.pt --n 400 --samples 4 --report-dir out/n400   # tighter numbers
+    python evaluate.py out/ppo.pt --vs out/dpo.pt --report-dir out/vs_dpo      # against the stage's init
 
 Metrics (fractions in [0, 1]): format, math_acc, code_pass1, tool_acc, refusal_unsafe,
 overrefusal_safe, mean_len, params; gold win rate against SFT (greedy, and on samples at
-temperature 1), RM score, KL to SFT, and pass@k before and after RLVR.
+temperature 1), RM score, KL to SFT, and pass@k before and after RLVR. --vs CKPT puts another
+checkpoint in SFT's place for the win rates and the KL. With --samples K > 1, also the reward
+model's accuracy on pairs of each model's own samples (rm_pair_acc, in the JSON and below the table).
 """
 import argparse
 import json
@@ -90,6 +93,27 @@ def gold_winrate(task_list, texts, baseline_texts):
     wins = [0.5 if abs(a["score"] - b["score"]) < 1e-9 else float(a["score"] > b["score"])
             for a, b in zip(scores[:n], scores[n:])]
     return mean(wins)
+
+
+def rm_pair_accuracy(rm, task_list, texts, samples):
+    """How often the reward model orders two samples of one task as the gold judge does (gold
+    ties skipped, RM ties count half), over every pair of each task's `samples` responses
+    (task-major), overall and per family. The reward model learned from SFT samples; RL moves
+    the policy away from them, and this is its accuracy where the policy now is."""
+    gold = [g["score"] for g in tasks.gold_scores(task_list, texts)]
+    scores = rm([t.prompt for t in task_list], texts).tolist()
+    right = {}
+    for start in range(0, len(task_list), samples):
+        group = range(start, start + samples)
+        for i in group:
+            for j in group:
+                if j <= i or abs(gold[i] - gold[j]) < 1e-9:
+                    continue
+                agree = 0.5 if scores[i] == scores[j] else float((scores[i] > scores[j]) == (gold[i] > gold[j]))
+                right.setdefault(task_list[i].family, []).append(agree)
+    row = {f"rm_pair_acc_{f}": mean(v) for f, v in sorted(right.items())}
+    row["rm_pair_acc"] = mean([a for v in right.values() for a in v])
+    return row
 
 
 def sample_texts(model, tok, task_list, seed=0, n=1):
@@ -199,8 +223,10 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
         if "sampled" in sft:
             samples = len(sft["sampled"]) // len(task_list)
             repeated = [t for t in task_list for _ in range(samples)]
-            row["gold_winrate_vs_sft_t1"] = gold_winrate(repeated, sample_texts(model, tok, task_list, n=samples),
-                                                         sft["sampled"])
+            sampled = sample_texts(model, tok, task_list, n=samples)
+            row["gold_winrate_vs_sft_t1"] = gold_winrate(repeated, sampled, sft["sampled"])
+            if rm is not None and samples > 1:
+                row.update(rm_pair_accuracy(rm, repeated, sampled, samples))
         if model.config.vocab_size == sft["model"].config.vocab_size:
             g = torch.Generator(device=device).manual_seed(0)
             row["kl_to_sft"] = kl_to_reference(model, sft["model"], tok, task_list, g)
@@ -240,8 +266,15 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_report(out_dir, rows, wall_s, n_per_family, samples=1):
-    report = {"rows": rows, "wall_s": wall_s, "n_per_family": n_per_family, "samples": samples}
+def rm_accuracy_text(name, row):
+    """'dpo 0.68 (code 0.67, math 0.63, ...)' from a row's rm_pair_acc keys."""
+    families = [f"{k[len('rm_pair_acc_'):]} {v:.2f}" for k, v in row.items() if k.startswith("rm_pair_acc_")]
+    return f"{name} {row['rm_pair_acc']:.2f} ({', '.join(families)})"
+
+
+def write_report(out_dir, rows, wall_s, n_per_family, samples=1, reference="sft"):
+    report = {"rows": rows, "wall_s": wall_s, "n_per_family": n_per_family, "samples": samples,
+              "reference": reference}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = format_table(rows)
@@ -251,12 +284,19 @@ def write_report(out_dir, rows, wall_s, n_per_family, samples=1):
         f.write(f"# poststack results\n\nTest split, {n_per_family} tasks per family (or all of a "
                 f"family's split where it holds fewer), greedy decoding (gold_winrate_vs_sft_t1: {each} "
                 f"per task at temperature 1 from each model, ties half); 95% Wilson intervals in "
-                f"brackets.\n\n{table}\n\n")
+                f"brackets.\n\n")
+        if reference != "sft":
+            f.write(f"gold_winrate_vs_sft, gold_winrate_vs_sft_t1 and kl_to_sft compare with {reference}, "
+                    f"not SFT.\n\n")
+        f.write(f"{table}\n\n")
         passk = {n: {k: v for k, v in r.items() if "pass@" in k} for n, r in rows.items()}
         for name, vals in passk.items():
             if vals:
                 f.write(f"pass@k ({name}, 16 samples at temperature 1): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()) + "\n\n")
+        accuracy = [rm_accuracy_text(name, row) for name, row in rows.items() if "rm_pair_acc" in row]
+        if accuracy:
+            f.write("Reward-model accuracy on pairs of each model's own samples: " + "; ".join(accuracy) + "\n\n")
         if wall_s:
             f.write("Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in wall_s.items())
                     + f"; total {total:.0f}\n")
@@ -331,6 +371,8 @@ def main(argv=None):
     ap.add_argument("--report-dir", help="where report.md and report.json go (default: --out-dir)")
     ap.add_argument("--samples", type=int, default=1,
                     help="samples per task for the sampled (temperature 1) win rate vs SFT")
+    ap.add_argument("--vs", help="the checkpoint the win rates and KL compare with (default: OUT_DIR/sft.pt), "
+                                 "e.g. a stage's init to measure what the stage itself gained")
     ap.add_argument("--passk-problems", type=int, default=16,
                     help="problems per family for pass@k of the rows before and after RLVR (0: skip)")
     args = ap.parse_args(argv)
@@ -342,7 +384,9 @@ def main(argv=None):
         if not paths:
             sys.exit(f"error: no checkpoints given and none found in {args.out_dir}/")
         task_list = tasks.eval_tasks("test", args.n)
-        sft_path = os.path.join(args.out_dir, "sft.pt")
+        sft_path = args.vs or os.path.join(args.out_dir, "sft.pt")
+        if args.vs and not os.path.exists(args.vs):
+            sys.exit(f"error: --vs {args.vs}: no such checkpoint")
         sft = None
         if os.path.exists(sft_path):
             sft = load_checkpoint(sft_path, args.device)
@@ -366,7 +410,8 @@ def main(argv=None):
     wall_s = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else {}
     report_dir = args.report_dir or args.out_dir
     os.makedirs(report_dir, exist_ok=True)
-    print(write_report(report_dir, rows, wall_s, args.n, args.samples))
+    reference = args.vs or "sft"
+    print(write_report(report_dir, rows, wall_s, args.n, args.samples, reference))
     plot_curves(args.out_dir)
 
 

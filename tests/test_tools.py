@@ -80,6 +80,20 @@ def test_several_samples_per_task_stay_with_their_task(monkeypatch):
     assert evaluate.gold_winrate(repeated, texts, texts) == 0.5  # every pair a tie
 
 
+def test_rm_pair_accuracy_by_hand(monkeypatch):
+    """Pairs within a task only, gold ties skipped, reward-model ties half: 3 samples each of a
+    math and a code task give 2 + 3 judged pairs."""
+    math, code = dataclasses.replace(tasks.eval_tasks("test", 1)[0], family="math"), \
+        dataclasses.replace(tasks.eval_tasks("test", 1)[0], family="code")
+    task_list = [math] * 3 + [code] * 3
+    gold = [1.0, 0.0, 0.0, 0.0, 1.0, 2.0]
+    rm = [0.5, 0.9, 0.1, 1.0, 1.0, 3.0]  # math: (0,1) wrong, (0,2) right; code: tie, right, right
+    monkeypatch.setattr(tasks, "gold_scores", lambda tl, texts: [{"score": g} for g in gold])
+    acc = evaluate.rm_pair_accuracy(lambda prompts, texts: torch.tensor(rm), task_list, ["x"] * 6, 3)
+    assert acc == {"rm_pair_acc_code": 2.5 / 3, "rm_pair_acc_math": 0.5, "rm_pair_acc": 3.5 / 5}
+    assert evaluate.rm_accuracy_text("dpo", acc) == "dpo 0.70 (code 0.83, math 0.50)"
+
+
 def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
     tok = load_checkpoint(tiny_sft / "sft.pt")["tokenizer"]
     model = refuser(tok)
@@ -102,6 +116,22 @@ def test_report_dir_keeps_the_runs_own_report(tiny_sft, tmp_path):
     assert report["samples"] == 2 and report["rows"]["sft"]["gold_winrate_vs_sft_t1"] is not None
     assert "2 samples per task" in open(tmp_path / "side" / "report.md").read()
     assert not os.path.exists(tiny_sft / "report.md")
+
+
+def test_vs_compares_with_the_given_checkpoint(tiny_sft, tmp_path):
+    """--vs puts a checkpoint in SFT's place: against itself its greedy answers tie and its KL is
+    0; the report says what the win rates compare with."""
+    tok = load_checkpoint(tiny_sft / "sft.pt")["tokenizer"]
+    save_checkpoint(tmp_path / "refuser.pt", refuser(tok), tok, "sft")
+    run_script("evaluate.py", tmp_path / "refuser.pt", tiny_sft / "sft.pt", "--vs", tmp_path / "refuser.pt",
+               "--out-dir", tiny_sft, "--n", "4", "--passk-problems", "0", "--report-dir", tmp_path / "vs")
+    report = json.load(open(tmp_path / "vs" / "report.json"))
+    itself, sft = report["rows"]["refuser"], report["rows"]["sft"]
+    assert itself["gold_winrate_vs_sft"] == 0.5 and abs(itself["kl_to_sft"]) < 1e-6
+    assert sft["kl_to_sft"] > 0.1  # the tiny SFT model is far from one that always refuses
+    assert f"compare with {tmp_path / 'refuser.pt'}" in open(tmp_path / "vs" / "report.md").read()
+    missing = run_script("evaluate.py", tiny_sft / "sft.pt", "--vs", tmp_path / "nope.pt", check=False)
+    assert missing.returncode != 0 and "nope.pt: no such checkpoint" in missing.stderr
 
 
 def export(ckpt_path, folder):
