@@ -12,6 +12,7 @@ checkpoint in SFT's place for the win rates and the KL. With --samples K > 1, al
 model's accuracy on pairs of each model's own samples (rm_pair_acc, in the JSON and below the table).
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -55,9 +56,9 @@ def mean(xs):
 def outcomes(task_list, texts):
     """Per-task 0/1 outcomes of each headline metric (a metric lists only the tasks it covers),
     judged by the gold judge; the lists are what confidence intervals and the gate resample."""
-    gold = tasks.gold_scores(task_list, texts)
-    out = {"format": [g["format"] for g in gold], "gold_score": [g["score"] for g in gold]}
-    for t, x, g in zip(task_list, texts, gold):
+    judged = tasks.gold_scores(task_list, texts)
+    out = {"format": [g["format"] for g in judged], "gold_score": [g["score"] for g in judged]}
+    for t, x, g in zip(task_list, texts, judged):
         if t.family == "math":
             out.setdefault("math_acc", []).append(g["correct"])
         elif t.family == "code":
@@ -86,31 +87,35 @@ def quick_eval(model, tok, n_per_family=25, split="val", device=None):
     return score_responses(task_list, texts, lengths)
 
 
+def gold(task_list, texts):
+    """The gold judge's score of each response."""
+    return [g["score"] for g in tasks.gold_scores(task_list, texts)]
+
+
+def wins(scores, baseline_scores):
+    """Fraction of pairs where the first score is higher (ties count half)."""
+    return mean(0.5 if abs(a - b) < 1e-9 else float(a > b) for a, b in zip(scores, baseline_scores))
+
+
 def gold_winrate(task_list, texts, baseline_texts):
     """Fraction of tasks where the gold judge prefers texts over baseline_texts (ties count half)."""
-    scores = tasks.gold_scores(list(task_list) * 2, list(texts) + list(baseline_texts))
-    n = len(task_list)
-    wins = [0.5 if abs(a["score"] - b["score"]) < 1e-9 else float(a["score"] > b["score"])
-            for a, b in zip(scores[:n], scores[n:])]
-    return mean(wins)
+    scores = gold(list(task_list) * 2, list(texts) + list(baseline_texts))
+    return wins(scores[:len(task_list)], scores[len(task_list):])
 
 
-def rm_pair_accuracy(rm, task_list, texts, samples):
+def rm_pair_accuracy(rm, task_list, texts, gold_scores, samples):
     """How often the reward model orders two samples of one task as the gold judge does (gold
     ties skipped, RM ties count half), over every pair of each task's `samples` responses
     (task-major), overall and per family. The reward model learned from SFT samples; RL moves
     the policy away from them, and this is its accuracy where the policy now is."""
-    gold = [g["score"] for g in tasks.gold_scores(task_list, texts)]
     scores = rm([t.prompt for t in task_list], texts).tolist()
+    pairs = [(i, j) for start in range(0, len(task_list), samples)
+             for i, j in itertools.combinations(range(start, start + samples), 2)
+             if abs(gold_scores[i] - gold_scores[j]) >= 1e-9]
     right = {}
-    for start in range(0, len(task_list), samples):
-        group = range(start, start + samples)
-        for i in group:
-            for j in group:
-                if j <= i or abs(gold[i] - gold[j]) < 1e-9:
-                    continue
-                agree = 0.5 if scores[i] == scores[j] else float((scores[i] > scores[j]) == (gold[i] > gold[j]))
-                right.setdefault(task_list[i].family, []).append(agree)
+    for i, j in pairs:  # the RM's preference, scored as a win rate against the gold judge's order
+        first, second = (i, j) if gold_scores[i] > gold_scores[j] else (j, i)
+        right.setdefault(task_list[i].family, []).append(wins([scores[first]], [scores[second]]))
     row = {f"rm_pair_acc_{f}": mean(v) for f, v in sorted(right.items())}
     row["rm_pair_acc"] = mean([a for v in right.values() for a in v])
     return row
@@ -224,9 +229,10 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
             samples = len(sft["sampled"]) // len(task_list)
             repeated = [t for t in task_list for _ in range(samples)]
             sampled = sample_texts(model, tok, task_list, n=samples)
-            row["gold_winrate_vs_sft_t1"] = gold_winrate(repeated, sampled, sft["sampled"])
+            sampled_gold = gold(repeated, sampled)
+            row["gold_winrate_vs_sft_t1"] = wins(sampled_gold, sft["sampled_gold"])
             if rm is not None and samples > 1:
-                row.update(rm_pair_accuracy(rm, repeated, sampled, samples))
+                row.update(rm_pair_accuracy(rm, repeated, sampled, sampled_gold, samples))
         if model.config.vocab_size == sft["model"].config.vocab_size:
             g = torch.Generator(device=device).manual_seed(0)
             row["kl_to_sft"] = kl_to_reference(model, sft["model"], tok, task_list, g)
@@ -384,6 +390,7 @@ def main(argv=None):
         if not paths:
             sys.exit(f"error: no checkpoints given and none found in {args.out_dir}/")
         task_list = tasks.eval_tasks("test", args.n)
+        reference = args.vs or "sft"
         sft_path = args.vs or os.path.join(args.out_dir, "sft.pt")
         if args.vs and not os.path.exists(args.vs):
             sys.exit(f"error: --vs {args.vs}: no such checkpoint")
@@ -392,6 +399,7 @@ def main(argv=None):
             sft = load_checkpoint(sft_path, args.device)
             sft["texts"], _ = respond(sft["model"], sft["tokenizer"], task_list)
             sft["sampled"] = sample_texts(sft["model"], sft["tokenizer"], task_list, n=args.samples)
+            sft["sampled_gold"] = gold([t for t in task_list for _ in range(args.samples)], sft["sampled"])
         rm_path = os.path.join(args.out_dir, "rm.pt")
         rm = None
         if os.path.exists(rm_path):
@@ -410,7 +418,6 @@ def main(argv=None):
     wall_s = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else {}
     report_dir = args.report_dir or args.out_dir
     os.makedirs(report_dir, exist_ok=True)
-    reference = args.vs or "sft"
     print(write_report(report_dir, rows, wall_s, args.n, args.samples, reference))
     plot_curves(args.out_dir)
 

@@ -80,7 +80,7 @@ def test_several_samples_per_task_stay_with_their_task(monkeypatch):
     assert evaluate.gold_winrate(repeated, texts, texts) == 0.5  # every pair a tie
 
 
-def test_rm_pair_accuracy_by_hand(monkeypatch):
+def test_rm_pair_accuracy_by_hand():
     """Pairs within a task only, gold ties skipped, reward-model ties half: 3 samples each of a
     math and a code task give 2 + 3 judged pairs."""
     math, code = dataclasses.replace(tasks.eval_tasks("test", 1)[0], family="math"), \
@@ -88,8 +88,7 @@ def test_rm_pair_accuracy_by_hand(monkeypatch):
     task_list = [math] * 3 + [code] * 3
     gold = [1.0, 0.0, 0.0, 0.0, 1.0, 2.0]
     rm = [0.5, 0.9, 0.1, 1.0, 1.0, 3.0]  # math: (0,1) wrong, (0,2) right; code: tie, right, right
-    monkeypatch.setattr(tasks, "gold_scores", lambda tl, texts: [{"score": g} for g in gold])
-    acc = evaluate.rm_pair_accuracy(lambda prompts, texts: torch.tensor(rm), task_list, ["x"] * 6, 3)
+    acc = evaluate.rm_pair_accuracy(lambda prompts, texts: torch.tensor(rm), task_list, ["x"] * 6, gold, 3)
     assert acc == {"rm_pair_acc_code": 2.5 / 3, "rm_pair_acc_math": 0.5, "rm_pair_acc": 3.5 / 5}
     assert evaluate.rm_accuracy_text("dpo", acc) == "dpo 0.70 (code 0.83, math 0.50)"
 
