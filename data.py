@@ -277,6 +277,24 @@ def pad(seqs, value, left=False, multiple=1):
     return torch.tensor([fill(s) for s in seqs], dtype=torch.long)
 
 
+def pack_rows(rows, length):
+    """Rows (token list first) -> bins of whole rows holding at most `length` tokens each, by
+    first-fit decreasing (within 11/9 of the fewest bins, Johnson 1973). Each bin becomes one
+    packed training row (model.document_layout keeps its rows apart)."""
+    bins, room = [], []
+    for row in sorted(rows, key=lambda r: -len(r[0])):
+        if len(row[0]) > length:
+            raise ValueError(f"a row of {len(row[0])} tokens cannot be packed into {length}")
+        fit = next((b for b, free in enumerate(room) if len(row[0]) <= free), None)
+        if fit is None:
+            bins.append([])
+            room.append(length)
+            fit = len(bins) - 1
+        bins[fit].append(row)
+        room[fit] -= len(row[0])
+    return bins
+
+
 def pad_prompts(tok, prompts):
     """Token lists -> left-padded ids and attention mask, the sampler's input."""
     ids = pad(prompts, tok.pad_id, left=True)

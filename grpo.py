@@ -209,6 +209,33 @@ def group_advantages(rewards, group_size, kind="grpo", eps=1e-6):
     return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).view(-1)
 
 
+def prefix_tree_advantages(tokens, rewards, group_size):
+    """Token advantages from the prefix tree a group's responses form (prompt-major rows):
+    tokens (B, L) response tokens, identical padding after each response's end; rewards (B,)
+    -> (B, L).
+
+      V(prefix)  = mean of R_j over the group's responses j that begin with prefix: a Monte-Carlo
+                   value of that state from the samples that passed through it
+      A_{i,t}    = V(y_i[:t+1]) - V(y_i[:t])   what token t added: Q(s, a) - V(s)
+
+    The tree TreeRL (Hou et al. 2025) and TreeAdv (Cao et al. 2026) build by branching, read off
+    i.i.d. samples: a worked answer is the same text in every sample up to its first false step,
+    so the samples share long prefixes and part where one goes wrong. Tokens all of a node's
+    samples share get 0; the credit lands on the token where the responses part. Summed over a
+    response A telescopes to R_i - mean_g R (Dr. GRPO's advantage): the same total, placed.
+    Example: G = 3, responses ab, ac, ac with R = 1, 0, 0: a gets 0 (V 1/3 -> 1/3), b +2/3, c -1/3.
+    """
+    B, L = tokens.shape
+    t = tokens.view(-1, group_size, L)
+    # shared[n, i, j, s]: responses i and j of group n agree on tokens 0..s
+    shared = (t[:, :, None, :] == t[:, None, :, :]).long().cumprod(-1).float()
+    r = rewards.float().view(-1, 1, group_size, 1)
+    after = (shared * r).sum(2) / shared.sum(2)  # V(y_i[:s+1]); i always shares with itself
+    before = torch.cat([r.view(-1, group_size).mean(1)[:, None, None].expand(-1, group_size, 1),
+                        after[..., :-1]], -1)
+    return (after - before).view(B, L)
+
+
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the valid tokens of the whole (global, all-reduced) batch; 0 elsewhere.
     Population variance (divide by N). Advantage normalisation: the 37 PPO details #7 (Huang et al. 2022)."""

@@ -119,6 +119,21 @@ def attention_mask(key_valid, T):
     return mask[:, None]
 
 
+def document_layout(doc_ids):
+    """Packed rows -> (positions, mask). doc_ids (B, T) numbers the document each token belongs
+    to (consecutive tokens of one document share a number). Positions restart at 0 with each
+    document and the (B, 1, T, T) bool mask lets a token see only earlier tokens of its own
+    document: several conversations in one row train exactly as they would alone."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values  # each token's document start
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return idx - start, mask[:, None]
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -157,15 +172,20 @@ class GPT(nn.Module):
             n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
         return n
 
-    def forward(self, idx, attn_mask=None, cache=None):
+    def forward(self, idx, attn_mask=None, cache=None, doc_ids=None):
         """Token ids (B, T) -> final hidden states (B, T, C), after ln_f.
 
         attn_mask (B, S) marks real tokens (S = cached + T when a cache is given); None means
         no padding before any real token (right padding is fine: causality hides it).
+        doc_ids (B, T), for packed training rows instead: see document_layout.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if attn_mask is None:
+        if doc_ids is not None:
+            if attn_mask is not None or cache is not None:
+                raise ValueError("doc_ids (packed rows) go without attn_mask and cache")
+            pos, mask = document_layout(doc_ids)
+        elif attn_mask is None:
             pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
             mask = None if past == 0 else attention_mask(torch.ones(B, past + T, device=idx.device), T)
         else:
@@ -363,9 +383,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=None, entropy
     return logp
 
 
-def sequence_logprobs(model, ids, attn_mask=None, temperature=1.0, entropy=False):
-    """Log-probs of ids[:, 1:] given their prefixes: (B, T-1). The usual call of the kernel."""
-    h = model(ids[:, :-1], None if attn_mask is None else attn_mask[:, :-1])
+def sequence_logprobs(model, ids, attn_mask=None, temperature=1.0, entropy=False, doc_ids=None):
+    """Log-probs of ids[:, 1:] given their prefixes: (B, T-1). The usual call of the kernel.
+    doc_ids: packed rows (document_layout); a document's first target is then predicted from
+    the previous document's last token, so the loss mask must drop it."""
+    cut = lambda t: None if t is None else t[:, :-1]
+    h = model(ids[:, :-1], cut(attn_mask), doc_ids=cut(doc_ids))
     weight = getattr(model, "module", model).lm_head.weight  # DDP wraps the model in .module
     return token_logprobs(h, weight, ids[:, 1:], temperature, entropy=entropy)
 

@@ -11,14 +11,15 @@ Each step (the GRPO loop of grpo.py, with verifiers as the reward):
     sample G responses each; calc(EXPR) calls run during sampling (forced tokens)      grpo.rollout
     reward = verifier verdict x format gate (+ overlong shaping, math step credit)     score
     [dynamic sampling: drop groups whose rewards are all equal, draw more]              sample_groups
-    advantages (group-relative, RLOO, REINFORCE++, or PPO's critic + GAE), update       grpo / ppo
+    advantages (group-relative, prefix tree, RLOO, REINFORCE++, or PPO's GAE), update  grpo / ppo
 and before/after the run: greedy accuracy per family, where wrong math answers first go wrong
 (evaluate.math_failure), the no-tool accuracy on tool tasks, and unbiased pass@k (passk_eval,
 also used by evaluate.py).
 
 --algo picks the settings of a published recipe (ALGOS below); any of them can be overridden by
 its flag (--advantage, --loss-agg, --eps-high, --kl, --beta, --kl-reward, --dynamic-sampling,
---overlong). Math is verified step by step as well as by its answer (judge: a right answer
+--overlong). --advantage tree places each group's credit on the tokens where its responses
+part (grpo.prefix_tree_advantages) instead of on every token. Math is verified step by step as well as by its answer (judge: a right answer
 after a false step is a lucky guess, and partial credit goes to the reference's column steps).
 Tool outputs are inserted by the sampler with sampled=0, so resp_mask is 0 on them:
 they get no policy gradient, no KL, no advantage and add nothing to REINFORCE++'s returns or to
@@ -99,7 +100,7 @@ def resolve_algo(cfg):
             cfg[k] = str(cfg[k]).lower() in ("1", "true", "yes", "on") if isinstance(v, bool) else type(v)(cfg[k])
     if cfg["overlong"] not in ("filter", "shape", "none") or cfg["loss_agg"] not in grpo.LOSS_AGG:
         fail(f"--overlong filter|shape|none, --loss-agg {grpo.LOSS_AGG}; got {cfg['overlong']!r}, {cfg['loss_agg']!r}")
-    if cfg["algo"] != "ppo" and cfg["advantage"] not in grpo.ADVANTAGES:
+    if cfg["algo"] != "ppo" and cfg["advantage"] not in grpo.ADVANTAGES + ("tree",):
         fail(f"--advantage {cfg['advantage']!r}: expected one of {grpo.ADVANTAGES}")
     return cfg
 
@@ -350,6 +351,10 @@ def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
     the reward on the last sampled token, a -β·k1 KL term on every sampled token (kl_reward > 0),
     and whitens the returns over the batch."""
     mask = batch["resp_mask"]
+    if cfg["advantage"] == "tree":  # response token s of row i is target P + s - 1
+        P = batch["prompt_len"]
+        adv = grpo.prefix_tree_advantages(batch["ids"][:, P:], rewards, cfg["group_size"])
+        return torch.cat([torch.zeros_like(mask[:, :P - 1]), adv], 1) * mask
     if cfg["advantage"].startswith("reinforce_pp"):
         r = rewards
         if cfg["kl_reward"] > 0:

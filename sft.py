@@ -4,6 +4,10 @@ The loss is next-token cross-entropy on assistant tokens only (the mask from dat
 the model learns to answer, not to predict the user's question or the tool's output. On the
 built-in world the first --drill-steps steps train on one-line drills of the column facts that
 math workings are made of (tasks.drill_conversations), the rest on the demonstrations.
+--pack true (the gpu preset) packs each micro-batch's conversations end to end into rows of
+the context length, each attending only to itself (model.document_layout): the same loss and
+gradient with almost no padding, in a few large rows of near-fixed size, which a GPU runs at
+full speed.
 
     python sft.py [--init out/base.pt] [--out out/sft.pt] [--data conversations.jsonl] [--preset tiny|cpu|gpu]
 """
@@ -16,7 +20,7 @@ from tqdm import tqdm
 import tasks
 from common import (MetricLog, Throughput, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config,
                     set_lr, setup)
-from data import DataError, as_messages, pad, read_jsonl, render_chat
+from data import DataError, as_messages, pack_rows, pad, read_jsonl, render_chat
 from model import CheckpointError, load_checkpoint, save_checkpoint, sequence_logprobs
 
 DEFAULTS = dict(
@@ -25,7 +29,7 @@ DEFAULTS = dict(
     batch_size=128, grad_accum=8, steps=600, lr=1e-3, warmup=20,
     weight_decay=0.0, grad_clip=1.0,
     eval_every=100, save_every=250, eval_tasks=25, stop_after=0, resume=False,
-    seed=0, device="auto", dtype="bf16", compile=False,
+    pack=False, seed=0, device="auto", dtype="bf16", compile=False,
 )
 PRESETS = dict(
     tiny=dict(n_train=200, n_val=16, drill_steps=2, drill_batch=8, drill_demos=2,
@@ -33,7 +37,7 @@ PRESETS = dict(
               save_every=5, eval_tasks=2),
     cpu=dict(),
     gpu=dict(n_train=200000, batch_size=512, grad_accum=1, steps=4000, lr=3e-4, eval_every=500, save_every=1000,
-             eval_tasks=100),
+             eval_tasks=100, pack=True),
 )
 
 
@@ -82,9 +86,21 @@ def make_batch(examples, idx, pad_id, device):
     return ids, mask
 
 
-def masked_loss(model, ids, mask, denom):
+def make_packed_batch(bins, pad_id, device):
+    """Bins of rows (data.pack_rows) -> ids, mask, doc_ids: each bin one row holding its
+    conversations end to end. A conversation's first token is never a target: it would be
+    predicted from the previous conversation's last."""
+    multiple = 64 if torch.device(device).type == "cuda" else 1
+    ids = [[t for r in b for t in r[0]] for b in bins]
+    mask = [[m if j else 0 for r in b for j, m in enumerate(r[1])] for b in bins]
+    doc = [[k for k, r in enumerate(b) for _ in r[0]] for b in bins]
+    return (pad(ids, pad_id, multiple=multiple).to(device), pad(mask, 0, multiple=multiple).to(device),
+            pad(doc, -1, multiple=multiple).to(device))
+
+
+def masked_loss(model, ids, mask, denom, doc_ids=None):
     """-sum of log-probs of the assistant tokens / denom. mask[:, 1:] marks targets ids[:, 1:]."""
-    return -(sequence_logprobs(model, ids) * mask[:, 1:]).sum() / denom
+    return -(sequence_logprobs(model, ids, doc_ids=doc_ids) * mask[:, 1:]).sum() / denom
 
 
 @torch.no_grad()
@@ -146,20 +162,28 @@ def main(argv=None):
         if step < drill_steps:
             rows = drill_rows(drills, rows, cfg, g)
         rows = rows[rank::world]
-        # micro-batches of similar lengths: far less padding, and the same gradient, since every
-        # micro-batch's loss is divided by the batch's total token count
+        # micro-batches of similar lengths (or of packed rows): far less padding, and the same
+        # gradient, since every micro-batch's loss is divided by the batch's total token count
         rows.sort(key=lambda r: len(r[0]))
-        micro = [rows[k * len(rows) // cfg["grad_accum"]:(k + 1) * len(rows) // cfg["grad_accum"]]
+        units = pack_rows(rows, block) if cfg["pack"] else rows
+        micro = [units[k * len(units) // cfg["grad_accum"]:(k + 1) * len(units) // cfg["grad_accum"]]
                  for k in range(cfg["grad_accum"])]
         n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(mask[1:]) for _, mask in rows)), device=device))
         loss = 0.0
         for part in filter(None, micro):
-            ids, mask = make_batch(part, range(len(part)), tok.pad_id, device)
+            if cfg["pack"]:
+                ids, mask, doc_ids = make_packed_batch(part, tok.pad_id, device)
+            else:
+                (ids, mask), doc_ids = make_batch(part, range(len(part)), tok.pad_id, device), None
             with autocast(device, cfg["dtype"]):
-                part_loss = masked_loss(train_model, ids, mask, n_tokens / world)  # x world: DDP averages grads
+                part_loss = masked_loss(train_model, ids, mask, n_tokens / world, doc_ids)  # x world: DDP averages grads
             part_loss.backward()
             loss += part_loss.detach()
-            speed.add(sum(len(r[0]) - 1 for r in part), ids.shape[1] - 1)
+            if cfg["pack"]:  # model FLOPs: each conversation attends over its own length, not the row's
+                for r in (r for b in part for r in b):
+                    speed.add(len(r[0]) - 1, len(r[0]) - 1)
+            else:
+                speed.add(sum(len(r[0]) - 1 for r in part), ids.shape[1] - 1)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_corpus
-from data import (SPECIALS, DataError, Tokenizer, as_messages, completion_text, pad, pad_prompts,
+from data import (SPECIALS, DataError, Tokenizer, as_messages, completion_text, pack_rows, pad, pad_prompts,
                   read_jsonl, render_chat, render_prompt, response_messages)
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -305,6 +305,16 @@ def test_pad_right_and_left():
     assert pad(seqs, 0).tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
     assert pad(seqs, 9, left=True).tolist() == [[1, 2, 3], [9, 9, 4], [9, 9, 9]]
     assert pad(seqs, 0).dtype == torch.long
+
+
+def test_pack_rows_first_fit_decreasing():
+    rows = [([0] * n, [1] * n) for n in (3, 5, 1, 4, 3, 2)]
+    bins = pack_rows(rows, 8)
+    # longest first, each into the first bin with room: 5+3, 4+3+1, 2
+    assert [[len(r[0]) for r in b] for b in bins] == [[5, 3], [4, 3, 1], [2]]
+    assert sorted(id(r) for b in bins for r in b) == sorted(id(r) for r in rows)  # each row once
+    with pytest.raises(ValueError, match="9 tokens cannot be packed into 8"):
+        pack_rows([([0] * 9, [1] * 9)], 8)
 
 
 def test_pad_prompts(tok):

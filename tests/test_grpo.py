@@ -13,7 +13,8 @@ import torch
 
 import grpo
 from data import render_prompt
-from grpo import aggregate, clipped_surrogate, group_advantages, kl_estimate, reinforce_pp_advantages
+from grpo import (aggregate, clipped_surrogate, group_advantages, kl_estimate, prefix_tree_advantages,
+                  reinforce_pp_advantages)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +84,41 @@ def test_rloo_is_leave_one_out():
         g = i // G
         others = [r[j] for j in range(g * G, (g + 1) * G) if j != i]
         assert adv[i].item() == pytest.approx((r[i] - sum(others) / (G - 1)).item(), abs=1e-6)
+
+
+def naive_tree_advantages(tokens, rewards, G):
+    """V(prefix) from a dict of every prefix's rewards, then V(y[:t+1]) - V(y[:t]), in float64."""
+    out = torch.zeros(tokens.shape, dtype=torch.float64)
+    for g in range(0, len(tokens), G):
+        seen = {}
+        for j in range(g, g + G):
+            row = tokens[j].tolist()
+            for t in range(len(row) + 1):
+                seen.setdefault(tuple(row[:t]), []).append(rewards[j].item())
+        value = lambda p: sum(seen[p]) / len(seen[p])
+        for i in range(g, g + G):
+            row = tokens[i].tolist()
+            for t in range(len(row)):
+                out[i, t] = value(tuple(row[:t + 1])) - value(tuple(row[:t]))
+    return out
+
+
+def test_prefix_tree_advantages_by_hand():
+    adv = prefix_tree_advantages(torch.tensor([[1, 2], [1, 3], [1, 3]]), torch.tensor([1.0, 0.0, 0.0]), 3)
+    assert torch.allclose(adv, torch.tensor([[0.0, 2 / 3], [0.0, -1 / 3], [0.0, -1 / 3]]))
+
+
+def test_prefix_tree_advantages_match_naive_and_telescope():
+    g = torch.Generator().manual_seed(0)
+    G, L = 4, 6
+    tokens = torch.randint(0, 2, (5 * G, L), generator=g)  # 2 symbols: prefixes are often shared
+    tokens[:G] = tokens[0]  # one group of identical responses
+    rewards = tokens.double() @ torch.rand(L, generator=g, dtype=torch.float64)  # same text, same reward
+    adv = prefix_tree_advantages(tokens, rewards, G).double()
+    assert torch.allclose(adv, naive_tree_advantages(tokens, rewards, G), atol=1e-6)
+    assert torch.equal(adv[:G], torch.zeros(G, L))
+    # the credit placed on a response's tokens adds up to Dr. GRPO's sequence advantage
+    assert torch.allclose(adv.sum(1), group_advantages(rewards, G, "dr_grpo").double(), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- REINFORCE++

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_gpt
 from data import pad_prompts, render_prompt
-from model import (GPT, CheckpointError, GPTConfig, KVCache, apply_rope, attention_mask, load_checkpoint,
+from model import (GPT, CheckpointError, GPTConfig, KVCache, apply_rope, attention_mask, document_layout, load_checkpoint,
                    rope_angles, sample_token, save_checkpoint, sequence_logprobs, token_logprobs)
 
 PROMPTS = ["hi", "What is 12+34?", "def add_7(x):\n    return x + 7",
@@ -386,6 +386,35 @@ def test_token_logprobs_entropy(temperature):
     # hand-computed: a uniform distribution over V has entropy log V
     _, ent0 = token_logprobs(torch.zeros(2, 16), w, targets[:2], temperature, entropy=True)
     assert torch.allclose(ent0, torch.full((2,), math.log(50)), atol=1e-6)
+
+
+def test_document_layout_by_hand():
+    pos, mask = document_layout(torch.tensor([[0, 0, 1, 1, 1, -1]]))
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0]]
+    expect = [[1, 0, 0, 0, 0, 0],
+              [1, 1, 0, 0, 0, 0],
+              [0, 0, 1, 0, 0, 0],
+              [0, 0, 1, 1, 0, 0],
+              [0, 0, 1, 1, 1, 0],
+              [0, 0, 0, 0, 0, 1]]
+    assert mask.shape == (1, 1, 6, 6) and mask[0, 0].int().tolist() == expect
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+def test_packed_row_matches_each_conversation_alone(tok, pos_embedding):
+    model = tiny_gpt(tok, pos_embedding)
+    seqs = prompts(tok)[:3]
+    row = torch.tensor([[t for s in seqs for t in s] + [tok.pad_id] * 4])
+    doc = torch.tensor([[k for k, s in enumerate(seqs) for _ in s] + [-1] * 4])
+    with torch.no_grad():
+        packed = model(row, doc_ids=doc)[0]
+        start = 0
+        for s in seqs:
+            alone = model(torch.tensor([s]))[0]
+            assert torch.allclose(packed[start:start + len(s)], alone, atol=1e-5)
+            start += len(s)
+    with pytest.raises(ValueError, match="doc_ids"):
+        model(row, attn_mask=torch.ones_like(row), doc_ids=doc)
 
 
 def test_sequence_logprobs_matches_naive(model, tok):

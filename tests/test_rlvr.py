@@ -96,13 +96,14 @@ def test_rollout_marks_inserted_tool_tokens_unsampled(tool_rollout, tok):
     assert correct.tolist() == credit.tolist() == fmt.tolist() == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("algo", [a for a in rlvr.ALGOS if a != "ppo"])
+@pytest.mark.parametrize("algo", [a for a in rlvr.ALGOS if a != "ppo"] + ["tree"])
 def test_forced_tool_tokens_get_no_policy_gradient(tool_rollout, model, algo):
     """The loss every algo optimises (clipped surrogate + β·KL, aggregated over resp_mask), with
     advantages from rlvr.advantages: its gradient w.r.t. the hidden state that predicts a forced
     token is exactly 0, and changing those tokens' log-probs leaves the loss unchanged."""
     batch, sampled = tool_rollout
-    cfg = config("--algo", algo, "--group-size", "2", "--kl", "k3", "--beta", "0.1")
+    algo_args = ("--algo", "dapo", "--advantage", "tree") if algo == "tree" else ("--algo", algo)
+    cfg = config(*algo_args, "--group-size", "2", "--kl", "k3", "--beta", "0.1")
     mask, P = batch["resp_mask"], batch["prompt_len"]
     forced = torch.zeros_like(mask, dtype=torch.bool)
     forced[:, P - 1:P - 1 + len(sampled)] = sampled == 0  # targets the calculator wrote

@@ -45,6 +45,20 @@ def test_sft_resume_matches(tiny_sft, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_sft_packing_gives_the_same_update(tiny_sft, tmp_path):
+    """Packed rows with document masking: the same loss and parameters as padded rows."""
+    args = ["--preset", "tiny", "--init", tiny_sft / "base.pt", "--steps", "4", "--eval-every", "2",
+            "--eval-tasks", "0"]
+    run_script("sft.py", *args, "--out", tmp_path / "padded.pt")
+    run_script("sft.py", *args, "--out", tmp_path / "packed.pt", "--pack", "true")
+    padded, packed = losses(tmp_path / "padded.jsonl"), losses(tmp_path / "packed.jsonl")
+    assert len(padded) == len(packed) > 0
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(padded, packed))
+    wa = load_checkpoint(tmp_path / "padded.pt")["model"].state_dict()
+    wb = load_checkpoint(tmp_path / "packed.pt")["model"].state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_sft_rejects_a_malformed_line_with_file_and_line(tiny_sft, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "hi", "completion": "hello"}\n{"messages": [{"role": "user", "content": 3}]}\n')
