@@ -5,7 +5,8 @@
 Rows: sampler tokens/s with the KV cache vs recomputing the whole prefix; the chunked log-prob
 kernel vs naive log_softmax + gather (time and peak memory, forward + backward); training
 tokens/s and model FLOPs utilisation against this machine's matmul peak measured in the same
-run; the RL step breakdown of grpo.py and ppo.py; wall time per stage of the last pipeline run.
+run; an SFT step of short conversations, padded vs packed (sft.py --pack); the RL step
+breakdown of grpo.py and ppo.py; wall time per stage of the last pipeline run.
 Timings are medians of repeats. The machines are noisy: nothing here is asserted by the tests.
 """
 import argparse
@@ -173,6 +174,51 @@ def bench_training(device, quick, peak, compile_model=False):
                 mfu=tok_s * flops_per_token / peak, model_gflops=tok_s * flops_per_token / 1e9)
 
 
+def bench_sft_packing(device, quick, peak, compile_model=False):
+    """One SFT step of short conversations (lengths 16-72 tokens, ~44 on average as the built-in
+    world's), padded into length-sorted micro-batches or packed into context-length rows
+    (sft.py --pack): real tokens/s and MFU of the useful FLOPs (each conversation at its own
+    length). The preset's batch: 128 conversations in 8 micro-batches on a CPU, 512 in one on CUDA."""
+    import sft
+    from data import pack_rows
+    cuda = device.type == "cuda" and not quick
+    cfg = GPTConfig(**(GPU_MODEL if cuda else DEFAULT_MODEL))
+    if quick:
+        cfg = dataclasses.replace(cfg, n_layer=2, n_head=2, n_embd=32, vocab_size=300)
+    model = GPT(cfg).to(device).train()
+    opt = make_optimizer(model, 1e-4, device=device)
+    forward = torch.compile(model) if compile_model else model
+    n, accum = (16, 2) if quick else (512, 1) if cuda else (128, 8)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 73, (n,), generator=g).tolist()
+    rows = [([int(t) for t in torch.randint(0, cfg.vocab_size, (k,), generator=g)], [0] * 8 + [1] * (k - 8))
+            for k in sorted(lengths)]  # length-sorted, as sft.py's micro-batches
+    n_tokens = float(sum(k - 9 for k in lengths))
+    useful = sum((k - 1) * train_flops_per_token(model, k - 1) for k in lengths)
+
+    def step(pack):
+        units = pack_rows(rows, cfg.block_size) if pack else rows
+        for a in range(accum):
+            part = units[a * len(units) // accum:(a + 1) * len(units) // accum]
+            if pack:
+                ids, mask, doc_ids = sft.make_packed_batch(part, 0, device)
+            else:
+                (ids, mask), doc_ids = sft.make_batch(part, range(len(part)), 0, device), None
+            with autocast(device, "bf16"):
+                sft.masked_loss(forward, ids, mask, n_tokens, doc_ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = dict(conversations=n, micro_batches=accum, tokens=sum(lengths), params_m=model.num_params() / 1e6,
+               compiled=compile_model, packed_rows=len(pack_rows(rows, cfg.block_size)), block=cfg.block_size)
+    for name, pack in (("padded", False), ("packed", True)):
+        if compile_model:
+            step(pack)  # compiling is not training time
+        seconds = timed(lambda: step(pack), device, 3 if quick else 10)
+        out[f"{name}_tok_s"], out[f"{name}_mfu"] = sum(lengths) / seconds, useful / seconds / peak
+    return out
+
+
 def save_random_rm(path, tok, config):
     """A reward-model checkpoint of a random GPT of this config's shape (normalisation 0 / 1)."""
     save_checkpoint(path, GPT(dataclasses.replace(config, scalar_head=True)), tok, "reward",
@@ -273,6 +319,7 @@ def main(argv=None):
     res["sampler"] = bench_sampler(device, args.quick)
     res["kernel"] = bench_kernel(device, args.quick)
     res["training"] = bench_training(device, args.quick, peak, args.compile)
+    res["sft_packing"] = bench_sft_packing(device, args.quick, peak, args.compile)
     rl_preset = args.rl_preset or ("gpu" if device.type == "cuda" else "cpu")
     res["rl_step"] = bench_rl(device, args.quick, rl_preset, args.rl_init)
     res["pipeline_wall_s"] = pipeline_times(args.out_dir)
@@ -297,6 +344,11 @@ def print_table(r):
     print(f"| training, {t['params_m']:.1f}M params, batch {t['batch']} x {t['seq']}"
           f"{', compiled' if t['compiled'] else ''} | {t['tok_s']:.0f} tok/s, {t['model_gflops']:.1f} GFLOP/s, "
           f"MFU {t['mfu']:.0%} of the measured matmul peak |")
+    p = r["sft_packing"]
+    print(f"| SFT step, {p['conversations']} conversations ({p['tokens']} tokens) in {p['micro_batches']} "
+          f"micro-batch(es){', compiled' if p['compiled'] else ''} | padded {p['padded_tok_s']:.0f} tok/s, "
+          f"MFU {p['padded_mfu']:.0%}; packed into {p['packed_rows']} rows of {p['block']} "
+          f"{p['packed_tok_s']:.0f} tok/s, MFU {p['packed_mfu']:.0%} |")
     for name, p in r["rl_step"].items():
         if isinstance(p, dict):
             parts = ", ".join(f"{k} {v:.2f}s ({v / p['total']:.0%})" for k, v in p.items()

@@ -170,8 +170,10 @@ def test_bench_quick_prints_every_row(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--out-dir", "/nonexistent",
                            "--json", tmp_path / "bench.json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for row in ("matmul peak", "sampler", "log-prob kernel", "training", "MFU", "grpo step", "ppo step"):
+    for row in ("matmul peak", "sampler", "log-prob kernel", "training", "MFU", "SFT step", "grpo step", "ppo step"):
         assert row in proc.stdout
+    sft = json.load(open(tmp_path / "bench.json"))["sft_packing"]
+    assert 0 < sft["packed_rows"] < sft["conversations"] and sft["packed_tok_s"] > 0 and sft["padded_tok_s"] > 0
     rl = json.load(open(tmp_path / "bench.json"))["rl_step"]  # the RL step breakdown, on random tiny models
     for name, phases in (("grpo", ("rollout", "reward", "logprobs", "update")),
                          ("ppo", ("rollout", "reward", "logprobs", "update", "critic_update"))):
