@@ -19,8 +19,9 @@ also used by evaluate.py).
 --algo picks the settings of a published recipe (ALGOS below); any of them can be overridden by
 its flag (--advantage, --loss-agg, --eps-high, --kl, --beta, --kl-reward, --dynamic-sampling,
 --overlong). --advantage tree places each group's credit on the tokens where its responses
-part (grpo.prefix_tree_advantages) instead of on every token. Math is verified step by step as well as by its answer (judge: a right answer
-after a false step is a lucky guess, and partial credit goes to the reference's column steps).
+part (grpo.prefix_tree_advantages) instead of on every token. Math is verified step by step as
+well as by its answer (judge: a right answer after a false step is a lucky guess, and partial
+credit goes to the reference's column steps).
 Tool outputs are inserted by the sampler with sampled=0, so resp_mask is 0 on them:
 they get no policy gradient, no KL, no advantage and add nothing to REINFORCE++'s returns or to
 PPO's GAE (which bootstraps across them), since every sum and recursion runs over resp_mask.
@@ -86,6 +87,7 @@ ALGOS = dict(
     ppo=dict(advantage="gae", loss_agg="token-mean", eps_low=0.2, eps_high=0.2, kl="off", beta=0.0,
              kl_reward=0.01, dynamic_sampling=False, overlong="filter"),                 # ppo.ppo_step
 )
+ADVANTAGES = grpo.ADVANTAGES + ("tree",)  # grpo.py's, and the prefix tree's token credit
 CAPS = dict(math=96, code=48, tool=40)  # response budgets, as evaluate.py's MAX_NEW: train what is evaluated
 
 
@@ -100,8 +102,8 @@ def resolve_algo(cfg):
             cfg[k] = str(cfg[k]).lower() in ("1", "true", "yes", "on") if isinstance(v, bool) else type(v)(cfg[k])
     if cfg["overlong"] not in ("filter", "shape", "none") or cfg["loss_agg"] not in grpo.LOSS_AGG:
         fail(f"--overlong filter|shape|none, --loss-agg {grpo.LOSS_AGG}; got {cfg['overlong']!r}, {cfg['loss_agg']!r}")
-    if cfg["algo"] != "ppo" and cfg["advantage"] not in grpo.ADVANTAGES + ("tree",):
-        fail(f"--advantage {cfg['advantage']!r}: expected one of {grpo.ADVANTAGES}")
+    if cfg["algo"] != "ppo" and cfg["advantage"] not in ADVANTAGES:
+        fail(f"--advantage {cfg['advantage']!r}: expected one of {ADVANTAGES}")
     return cfg
 
 
@@ -347,7 +349,8 @@ def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
 
 def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
     """(B,T-1) advantage of each target token, 0 wherever resp_mask is 0 (prompt, padding, tool
-    output, filtered rows). Group kinds give every token of response i its A_i; REINFORCE++ puts
+    output, filtered rows). Group kinds give every token of response i its A_i; tree gives each
+    token what it added to its prefix's value (grpo.prefix_tree_advantages); REINFORCE++ puts
     the reward on the last sampled token, a -β·k1 KL term on every sampled token (kl_reward > 0),
     and whitens the returns over the batch."""
     mask = batch["resp_mask"]

@@ -341,14 +341,17 @@ def test_every_algo_smoke(tiny_sft, tmp_path):
     code = tasks.make_tasks("code", "train", 1)[0]
     data.write_text(json.dumps({"prompt": "What is 2+3?", "answer": 5}) + "\n"
                     + json.dumps({"prompt": code.prompt, "test": code.test, "entry_point": code.entry_point}) + "\n")
-    for algo in rlvr.ALGOS:
+    for algo in [*rlvr.ALGOS, "tree"]:  # tree: dapo with --advantage tree
         out = tmp_path / f"{algo}.pt"
         extra = [] if algo == rlvr.DEFAULTS["algo"] else ["--eval-n", "0"]
         extra += ["--data", data] if algo == "rloo" else []
-        r = run("--preset", "tiny", "--algo", algo, "--init", tiny_sft / "sft.pt", "--out", out, *extra)
+        extra += ["--advantage", "tree"] if algo == "tree" else ["--algo", algo]
+        r = run("--preset", "tiny", "--init", tiny_sft / "sft.pt", "--out", out, *extra)
         assert r.returncode == 0, f"{algo}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         ckpt = load_checkpoint(out)
-        assert ckpt["stage"] == "rlvr" and ckpt["config"]["algo"] == algo and ckpt["metrics"]["steps_done"] == 2
+        assert ckpt["stage"] == "rlvr" and ckpt["metrics"]["steps_done"] == 2
+        assert ckpt["config"]["algo"] == ("dapo" if algo == "tree" else algo)
+        assert ckpt["config"]["advantage"] == ("tree" if algo == "tree" else rlvr.ALGOS[algo]["advantage"])
         rows = [json.loads(l) for l in open(tmp_path / f"{algo}.jsonl")]
         assert len(rows) == 2 and {"reward", "zero_adv_groups", "ds_dropped", "truncated", "entropy"} <= set(rows[0])
         if algo == rlvr.DEFAULTS["algo"]:
