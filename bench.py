@@ -197,13 +197,7 @@ def bench_sft_packing(device, quick, peak, compile_model=False):
     useful = sum((k - 1) * train_flops_per_token(model, k - 1) for k in lengths)
 
     def step(pack):
-        units = pack_rows(rows, cfg.block_size) if pack else rows
-        for a in range(accum):
-            part = units[a * len(units) // accum:(a + 1) * len(units) // accum]
-            if pack:
-                ids, mask, doc_ids = sft.make_packed_batch(part, 0, device)
-            else:
-                (ids, mask), doc_ids = sft.make_batch(part, range(len(part)), 0, device), None
+        for ids, mask, doc_ids, _ in sft.micro_batches(rows, accum, pack, cfg.block_size, 0, device):
             with autocast(device, "bf16"):
                 sft.masked_loss(forward, ids, mask, n_tokens, doc_ids).backward()
         opt.step()

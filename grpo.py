@@ -231,8 +231,8 @@ def prefix_tree_advantages(tokens, rewards, group_size):
     shared = (t[:, :, None, :] == t[:, None, :, :]).long().cumprod(-1).float()
     r = rewards.float().view(-1, 1, group_size, 1)
     after = (shared * r).sum(2) / shared.sum(2)  # V(y_i[:s+1]); i always shares with itself
-    before = torch.cat([r.view(-1, group_size).mean(1)[:, None, None].expand(-1, group_size, 1),
-                        after[..., :-1]], -1)
+    root = r.mean(2).expand(-1, group_size, 1)  # V(empty prefix): the group's mean
+    before = torch.cat([root, after[..., :-1]], -1)
     return (after - before).view(B, L)
 
 

@@ -98,6 +98,21 @@ def make_packed_batch(bins, pad_id, device):
             pad(doc, -1, multiple=multiple).to(device))
 
 
+def micro_batches(rows, n, pack, block, pad_id, device):
+    """A step's length-sorted rows -> up to n micro-batches (ids, mask, doc_ids, rows in it): rows
+    of similar lengths padded together (doc_ids None), or with pack the conversations packed
+    into rows of `block` tokens."""
+    units = pack_rows(rows, block) if pack else rows
+    for k in range(n):
+        part = units[k * len(units) // n:(k + 1) * len(units) // n]
+        if not part:
+            continue
+        if pack:
+            yield *make_packed_batch(part, pad_id, device), [r for b in part for r in b]
+        else:
+            yield *make_batch(part, range(len(part)), pad_id, device), None, part
+
+
 def masked_loss(model, ids, mask, denom, doc_ids=None):
     """-sum of log-probs of the assistant tokens / denom. mask[:, 1:] marks targets ids[:, 1:]."""
     return -(sequence_logprobs(model, ids, doc_ids=doc_ids) * mask[:, 1:]).sum() / denom
@@ -165,25 +180,15 @@ def main(argv=None):
         # micro-batches of similar lengths (or of packed rows): far less padding, and the same
         # gradient, since every micro-batch's loss is divided by the batch's total token count
         rows.sort(key=lambda r: len(r[0]))
-        units = pack_rows(rows, block) if cfg["pack"] else rows
-        micro = [units[k * len(units) // cfg["grad_accum"]:(k + 1) * len(units) // cfg["grad_accum"]]
-                 for k in range(cfg["grad_accum"])]
         n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(mask[1:]) for _, mask in rows)), device=device))
         loss = 0.0
-        for part in filter(None, micro):
-            if cfg["pack"]:
-                ids, mask, doc_ids = make_packed_batch(part, tok.pad_id, device)
-            else:
-                (ids, mask), doc_ids = make_batch(part, range(len(part)), tok.pad_id, device), None
-            with autocast(device, cfg["dtype"]):
-                part_loss = masked_loss(train_model, ids, mask, n_tokens / world, doc_ids)  # x world: DDP averages grads
+        for ids, mask, doc_ids, part in micro_batches(rows, cfg["grad_accum"], cfg["pack"], block, tok.pad_id, device):
+            with autocast(device, cfg["dtype"]):  # / (n_tokens / world): DDP averages the ranks' gradients
+                part_loss = masked_loss(train_model, ids, mask, n_tokens / world, doc_ids)
             part_loss.backward()
             loss += part_loss.detach()
-            if cfg["pack"]:  # model FLOPs: each conversation attends over its own length, not the row's
-                for r in (r for b in part for r in b):
-                    speed.add(len(r[0]) - 1, len(r[0]) - 1)
-            else:
-                speed.add(sum(len(r[0]) - 1 for r in part), ids.shape[1] - 1)
+            for r in part:  # FLOPs: a packed conversation attends over its own length, a padded one the row's
+                speed.add(len(r[0]) - 1, len(r[0]) - 1 if doc_ids is not None else ids.shape[1] - 1)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
