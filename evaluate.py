@@ -103,6 +103,14 @@ def gold_winrate(task_list, texts, baseline_texts):
     return wins(scores[:len(task_list)], scores[len(task_list):])
 
 
+def family_wins(task_list, scores, baseline_scores, prefix="gold_winrate_vs_sft_t1"):
+    """wins() per task family, keyed prefix_FAMILY: where a stage gains or loses against its
+    reference (task_list aligned with both score lists)."""
+    fams = sorted({t.family for t in task_list})
+    pick = lambda xs, f: [x for x, t in zip(xs, task_list) if t.family == f]
+    return {f"{prefix}_{f}": wins(pick(scores, f), pick(baseline_scores, f)) for f in fams}
+
+
 def rm_pair_accuracy(rm, task_list, texts, gold_scores, samples):
     """How often the reward model orders two samples of one task as the gold judge does (gold
     ties skipped, RM ties count half), over every pair of each task's `samples` responses
@@ -231,6 +239,7 @@ def evaluate_checkpoint(path, task_list, sft=None, rm=None, device="cpu", passk_
             sampled = sample_texts(model, tok, task_list, n=samples)
             sampled_gold = gold(repeated, sampled)
             row["gold_winrate_vs_sft_t1"] = wins(sampled_gold, sft["sampled_gold"])
+            row.update(family_wins(repeated, sampled_gold, sft["sampled_gold"]))
             if rm is not None and samples > 1:
                 row.update(rm_pair_accuracy(rm, repeated, sampled, sampled_gold, samples))
         if model.config.vocab_size == sft["model"].config.vocab_size:
@@ -272,10 +281,10 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def rm_accuracy_text(name, row):
-    """'dpo 0.68 (code 0.67, math 0.63, ...)' from a row's rm_pair_acc keys."""
-    families = [f"{k[len('rm_pair_acc_'):]} {v:.2f}" for k, v in row.items() if k.startswith("rm_pair_acc_")]
-    return f"{name} {row['rm_pair_acc']:.2f} ({', '.join(families)})"
+def by_family_text(name, row, key):
+    """'dpo 0.68 (code 0.67, math 0.63, ...)' from a row's key and key_FAMILY entries."""
+    families = [f"{k[len(key) + 1:]} {v:.2f}" for k, v in row.items() if k.startswith(key + "_")]
+    return f"{name} {row[key]:.2f} ({', '.join(families)})"
 
 
 def write_report(out_dir, rows, wall_s, n_per_family, samples=1, reference="sft"):
@@ -300,7 +309,11 @@ def write_report(out_dir, rows, wall_s, n_per_family, samples=1, reference="sft"
             if vals:
                 f.write(f"pass@k ({name}, 16 samples at temperature 1): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()) + "\n\n")
-        accuracy = [rm_accuracy_text(name, row) for name, row in rows.items() if "rm_pair_acc" in row]
+        sampled = [by_family_text(name, row, "gold_winrate_vs_sft_t1") for name, row in rows.items()
+                   if "gold_winrate_vs_sft_t1_math" in row]
+        if sampled:
+            f.write("Sampled win rate (gold_winrate_vs_sft_t1) by family: " + "; ".join(sampled) + "\n\n")
+        accuracy = [by_family_text(name, row, "rm_pair_acc") for name, row in rows.items() if "rm_pair_acc" in row]
         if accuracy:
             f.write("Reward-model accuracy on pairs of each model's own samples: " + "; ".join(accuracy) + "\n\n")
         if wall_s:

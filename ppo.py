@@ -201,29 +201,41 @@ def ppo_step(model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg, t
 
 # ----------------------------------------------------------------------------- over-optimisation (Gao et al. 2022)
 
-@torch.no_grad()
-def best_of_n(model, tok, prompts, reward_fn, task_of, cfg):
-    """Best-of-n by the proxy for n = 1, 2, 4, ... bon_n, from bon_n samples per prompt.
-
-    E[score of the proxy-argmax among n of the N samples], unbiased over all n-subsets: with the
-    samples sorted by proxy, the one at rank k (1-based, ascending) wins with probability
-    C(k-1, n-1) / C(N, n) (the unbiased best-of-n estimator behind Gao et al. 2022's BoN curves).
+def best_of_n_estimates(proxy, gold, ns):
+    """Best-of-n by the proxy, from N samples per prompt: (P, N) proxy and gold scores -> one row
+    per n in ns with, averaged over prompts, the proxy and gold score of the proxy's pick among n
+    samples, and the gold judge's win rate of that pick against one other sample of the prompt
+    (ties half; n = 1 gives 0.5), all unbiased over the n-subsets of the N samples: with the
+    samples sorted by proxy, the one at rank k (1-based, ascending) is picked with probability
+    C(k-1, n-1) / C(N, n) (the best-of-n estimator behind Gao et al. 2022's BoN curves).
     KL(best-of-n || π) = log n - (n-1)/n (Stiennon et al. 2020; Gao et al. 2022 eq. 1).
     """
-    N = cfg["bon_n"]
-    batch = grpo.rollout(model, tok, prompts, N, cfg["max_new_tokens"], cfg["temperature"])
-    proxy = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"]).view(-1, N).cpu().double()
-    gold = torch.tensor([s["score"] for s in grpo.gold_of(task_of, batch)], dtype=torch.float64).view(-1, N)
+    proxy, gold = proxy.double(), gold.double()
     order = proxy.argsort(1)
     proxy, gold = proxy.gather(1, order), gold.gather(1, order)
+    N = proxy.shape[1]
+    # win(k): sample k against each other sample of its prompt, ties half (its own tie removed)
+    beats = (gold[:, :, None] > gold[:, None, :]).double() + 0.5 * (gold[:, :, None] == gold[:, None, :]).double()
+    win = (beats.sum(2) - 0.5) / max(N - 1, 1)
     k = torch.arange(1, N + 1, dtype=torch.float64)
     lchoose = lambda a, b: torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
     rows = []
-    for n in [2 ** i for i in range(int(math.log2(N)) + 1)]:
+    for n in ns:
         w = torch.where(k >= n, (lchoose(k - 1, torch.tensor(n - 1.)) - lchoose(torch.tensor(float(N)), torch.tensor(float(n)))).exp(), 0)
         rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=float((proxy * w).sum(1).mean()),
-                         gold=float((gold * w).sum(1).mean())))
+                         gold=float((gold * w).sum(1).mean()), win=float((win * w).sum(1).mean())))
     return rows
+
+
+@torch.no_grad()
+def best_of_n(model, tok, prompts, reward_fn, task_of, cfg):
+    """Best-of-n by the proxy for n = 1, 2, 4, ... bon_n, from bon_n samples per prompt
+    (best_of_n_estimates)."""
+    N = cfg["bon_n"]
+    batch = grpo.rollout(model, tok, prompts, N, cfg["max_new_tokens"], cfg["temperature"])
+    proxy = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"]).view(-1, N).cpu()
+    gold = torch.tensor([s["score"] for s in grpo.gold_of(task_of, batch)], dtype=torch.float64).view(-1, N)
+    return best_of_n_estimates(proxy, gold, [2 ** i for i in range(int(math.log2(N)) + 1)])
 
 
 def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
@@ -242,9 +254,11 @@ def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
              f"{size} steps. Best-of-n: analytic KL = log n - (n-1)/n, unbiased estimator over subsets.", ""]
     for name, table in (("RL run", run), ("Best-of-n", bon_rows)):
         key = "step" if name == "RL run" else "n"
-        lines += [f"## {name}", "", f"| {key} | KL | sqrt(KL) | proxy (RM) | gold |", "|---|---|---|---|---|"]
+        win = name == "Best-of-n"  # its pick's gold win rate against a plain sample of the same policy
+        lines += [f"## {name}", "", f"| {key} | KL | sqrt(KL) | proxy (RM) | gold |" + (" gold win vs a sample |" if win else ""),
+                  "|---|---|---|---|---|" + ("---|" if win else "")]
         lines += [f"| {r[key]} | {r['kl']:.3f} | {math.sqrt(max(r['kl'], 0)):.3f} | {r['proxy']:.3f} | {r['gold']:.3f} |"
-                  for r in table]
+                  + (f" {r['win']:.3f} |" if win else "") for r in table]
         if table:
             gpk, ppk = max(table, key=lambda r: r["gold"]), max(table, key=lambda r: r["proxy"])
             lines += ["", f"gold peaks at {key} {gpk[key]} (sqrt KL {math.sqrt(max(gpk['kl'], 0)):.2f}, gold "

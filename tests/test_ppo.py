@@ -174,6 +174,31 @@ def test_ppo_learns_a_bandit(model, tok):
 
 # ----------------------------------------------------------------------------- smoke runs of the script
 
+def test_best_of_n_estimates_match_enumerating_the_subsets():
+    """Every n-subset of N samples, its proxy-argmax, that pick's gold score and its gold win rate
+    against each other sample (ties half): the closed-form weights give the same means."""
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    proxy = torch.randn(3, 6, generator=g)
+    gold = torch.randint(0, 3, (3, 6), generator=g).double()  # integer scores: plenty of ties
+    rows = ppo.best_of_n_estimates(proxy, gold, [1, 2, 4, 6])
+    for row in rows:
+        picks = []
+        for p in range(3):
+            for subset in itertools.combinations(range(6), row["n"]):
+                k = max(subset, key=lambda i: proxy[p, i])
+                others = [j for j in range(6) if j != k]
+                win = sum(1.0 if gold[p, k] > gold[p, j] else 0.5 if gold[p, k] == gold[p, j] else 0.0
+                          for j in others) / len(others)
+                picks.append((proxy[p, k].item(), gold[p, k].item(), win, p))
+        per = lambda i: sum(sum(x[i] for x in picks if x[3] == p) / sum(1 for x in picks if x[3] == p)
+                            for p in range(3)) / 3
+        assert row["proxy"] == pytest.approx(per(0)) and row["gold"] == pytest.approx(per(1))
+        assert row["win"] == pytest.approx(per(2))
+        assert row["kl"] == pytest.approx(math.log(row["n"]) - (row["n"] - 1) / row["n"])
+    assert rows[0]["win"] == pytest.approx(0.5)  # n = 1: a sample against another sample
+
+
 def test_ppo_script_smoke(stack):
     out = stack["dir"] / "ppo.pt"
     reward = ["--rm", stack["rm"]] if stack["rm"] else ["--reward", "gold"]

@@ -90,7 +90,19 @@ def test_rm_pair_accuracy_by_hand():
     rm = [0.5, 0.9, 0.1, 1.0, 1.0, 3.0]  # math: (0,1) wrong, (0,2) right; code: tie, right, right
     acc = evaluate.rm_pair_accuracy(lambda prompts, texts: torch.tensor(rm), task_list, ["x"] * 6, gold, 3)
     assert acc == {"rm_pair_acc_code": 2.5 / 3, "rm_pair_acc_math": 0.5, "rm_pair_acc": 3.5 / 5}
-    assert evaluate.rm_accuracy_text("dpo", acc) == "dpo 0.70 (code 0.83, math 0.50)"
+    assert evaluate.by_family_text("dpo", acc, "rm_pair_acc") == "dpo 0.70 (code 0.83, math 0.50)"
+
+
+def test_family_wins_by_hand():
+    """The sampled win rate split by family: each family's pairs only, ties half."""
+    math, code = dataclasses.replace(tasks.eval_tasks("test", 1)[0], family="math"), \
+        dataclasses.replace(tasks.eval_tasks("test", 1)[0], family="code")
+    task_list = [math, math, code, code, code]
+    scores, baseline = [1.0, 0.0, 1.3, 1.3, 0.0], [0.0, 0.0, 1.0, 1.3, 1.3]  # math: win, tie; code: win, tie, loss
+    got = evaluate.family_wins(task_list, scores, baseline, prefix="w")
+    assert got == {"w_code": 1.5 / 3, "w_math": 1.5 / 2}
+    row = dict(w=evaluate.wins(scores, baseline), **got)
+    assert evaluate.by_family_text("ppo", row, "w") == "ppo 0.60 (code 0.50, math 0.75)"
 
 
 def test_gate_passes_itself_and_fails_a_damaged_copy(tiny_sft, tmp_path):
@@ -113,7 +125,10 @@ def test_report_dir_keeps_the_runs_own_report(tiny_sft, tmp_path):
                "--passk-problems", "0", "--report-dir", tmp_path / "side")
     report = json.load(open(tmp_path / "side" / "report.json"))
     assert report["samples"] == 2 and report["rows"]["sft"]["gold_winrate_vs_sft_t1"] is not None
-    assert "2 samples per task" in open(tmp_path / "side" / "report.md").read()
+    md = open(tmp_path / "side" / "report.md").read()
+    assert "2 samples per task" in md
+    # SFT against its own samples (the same seed): every family's pairs tie
+    assert "by family: sft 0.50 (code 0.50, math 0.50, safety 0.50, tool 0.50)" in md
     assert not os.path.exists(tiny_sft / "report.md")
 
 
