@@ -310,7 +310,7 @@ def write_report(out_dir, rows, wall_s, n_per_family, samples=1, reference="sft"
                 f.write(f"pass@k ({name}, 16 samples at temperature 1): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()) + "\n\n")
         sampled = [by_family_text(name, row, "gold_winrate_vs_sft_t1") for name, row in rows.items()
-                   if "gold_winrate_vs_sft_t1_math" in row]
+                   if any(k.startswith("gold_winrate_vs_sft_t1_") for k in row)]
         if sampled:
             f.write("Sampled win rate (gold_winrate_vs_sft_t1) by family: " + "; ".join(sampled) + "\n\n")
         accuracy = [by_family_text(name, row, "rm_pair_acc") for name, row in rows.items() if "rm_pair_acc" in row]

@@ -255,10 +255,12 @@ def overoptimisation_curve(run_rows, bon_rows, out_dir, bins=12):
     for name, table in (("RL run", run), ("Best-of-n", bon_rows)):
         key = "step" if name == "RL run" else "n"
         win = name == "Best-of-n"  # its pick's gold win rate against a plain sample of the same policy
-        lines += [f"## {name}", "", f"| {key} | KL | sqrt(KL) | proxy (RM) | gold |" + (" gold win vs a sample |" if win else ""),
-                  "|---|---|---|---|---|" + ("---|" if win else "")]
-        lines += [f"| {r[key]} | {r['kl']:.3f} | {math.sqrt(max(r['kl'], 0)):.3f} | {r['proxy']:.3f} | {r['gold']:.3f} |"
-                  + (f" {r['win']:.3f} |" if win else "") for r in table]
+        cols = [key, "KL", "sqrt(KL)", "proxy (RM)", "gold"] + (["gold win vs a sample"] if win else [])
+        lines += [f"## {name}", "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+        for r in table:
+            cells = [r[key]] + [f"{v:.3f}" for v in (r["kl"], math.sqrt(max(r["kl"], 0)), r["proxy"], r["gold"])]
+            cells += [f"{r['win']:.3f}"] if win else []
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
         if table:
             gpk, ppk = max(table, key=lambda r: r["gold"]), max(table, key=lambda r: r["proxy"])
             lines += ["", f"gold peaks at {key} {gpk[key]} (sqrt KL {math.sqrt(max(gpk['kl'], 0)):.2f}, gold "
