@@ -120,12 +120,11 @@ def rm_pair_accuracy(rm, task_list, texts, gold_scores, samples):
     pairs = [(i, j) for start in range(0, len(task_list), samples)
              for i, j in itertools.combinations(range(start, start + samples), 2)
              if abs(gold_scores[i] - gold_scores[j]) >= 1e-9]
-    right = {}
-    for i, j in pairs:  # the RM's preference, scored as a win rate against the gold judge's order
-        first, second = (i, j) if gold_scores[i] > gold_scores[j] else (j, i)
-        right.setdefault(task_list[i].family, []).append(wins([scores[first]], [scores[second]]))
-    row = {f"rm_pair_acc_{f}": mean(v) for f, v in sorted(right.items())}
-    row["rm_pair_acc"] = mean([a for v in right.values() for a in v])
+    # each pair ordered as the gold judge orders it; the RM's accuracy is then its win rate
+    ordered = [(i, j) if gold_scores[i] > gold_scores[j] else (j, i) for i, j in pairs]
+    better, worse = [scores[i] for i, _ in ordered], [scores[j] for _, j in ordered]
+    row = family_wins([task_list[i] for i, _ in pairs], better, worse, prefix="rm_pair_acc")
+    row["rm_pair_acc"] = wins(better, worse)
     return row
 
 
