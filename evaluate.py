@@ -391,8 +391,9 @@ def main(argv=None):
                     help="samples per task for the sampled (temperature 1) win rate vs SFT")
     ap.add_argument("--vs", help="the checkpoint the win rates and KL compare with (default: OUT_DIR/sft.pt), "
                                  "e.g. a stage's init to measure what the stage itself gained")
-    ap.add_argument("--passk-problems", type=int, default=16,
-                    help="problems per family for pass@k of the rows before and after RLVR (0: skip)")
+    ap.add_argument("--passk-problems", type=int, default=100,
+                    help="problems per family for pass@k of the rows before and after RLVR (all of a "
+                         "family's test split where it holds fewer: code has 84; 0: skip)")
     args = ap.parse_args(argv)
     try:
         if args.gate:

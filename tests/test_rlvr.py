@@ -326,6 +326,30 @@ def test_passk_eval_counts_per_problem(monkeypatch, model, tok):
         assert got[f"{f}_pass@4"] == pytest.approx(1.0)
 
 
+def test_passk_eval_family_with_fewer_problems(monkeypatch, model, tok):
+    """A family whose test split holds fewer than n_problems (code holds 84) is scored on the
+    problems it has, and the families after it on their own problems, not shifted onto its."""
+    import evaluate
+    n, counts = 4, [1, 3]
+    real = tasks.make_tasks
+    few = lambda f, split, k, seed=0, allow_fewer=False, **kw: real(f, split, 1 if f == "code" else k, seed,
+                                                                   allow_fewer, **kw)
+    monkeypatch.setattr(tasks, "make_tasks", few)
+
+    def canned(model_, tok_, task_list, temperature, n_samples, generator=None):
+        out = []
+        for t in task_list:
+            i = [u.prompt for u in few(t.family, "test", 2, seed=1234)].index(t.prompt)
+            out += [t.reference_text() if j < counts[i] else "Answer: -1" for j in range(n_samples)]
+        return out, [1] * len(out)
+
+    monkeypatch.setattr(evaluate, "respond", canned)
+    got = rlvr.passk_eval(model, tok, n_problems=2, n_samples=n, ks=(1,))
+    assert got["math_pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
+    assert got["code_pass@1"] == pytest.approx(1 / 4)  # its one problem, with 1 right sample of 4
+    assert got["tool_pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
+
+
 # ----------------------------------------------------------------------------- the script
 
 def run(*args):
