@@ -329,8 +329,11 @@ def teacher_conversations(teacher, tok, cfg, conversations, rank, world):
     """Seq-KD data: the teacher's answers to train prompts, filtered by the verifiers."""
     n = cfg["seq_prompts"]
     if cfg["data"] is None:  # built-in world: fresh train tasks in the SFT mix, with their verifiers
-        task_list = [t for f, w in tasks.SFT_MIX.items() for t in tasks.make_tasks(f, "train", max(1, round(n * w)),
-                                                                                   seed=cfg["seed"])]
+        try:
+            task_list = [t for f, w in tasks.SFT_MIX.items()
+                         for t in tasks.make_tasks(f, "train", max(1, round(n * w)), seed=cfg["seed"])]
+        except tasks.TaskSpaceError as e:
+            fail(f"--seq-prompts {n}: {e}")
         prompts = [t.messages() for t in task_list]
     else:
         prompts = [prompt_of(c) for c in conversations[:n]]

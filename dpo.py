@@ -259,8 +259,11 @@ def load_data(cfg, model, tok, rank):
         else:
             pairs = load_pairs(cfg["data"])
     else:
-        pairs = sample_preference_pairs(model, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"],
-                                        cfg["label_noise"], k=cfg["samples"], pairing=cfg["pairing"])
+        try:
+            pairs = sample_preference_pairs(model, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"],
+                                            cfg["label_noise"], k=cfg["samples"], pairing=cfg["pairing"])
+        except tasks.TaskSpaceError as e:
+            fail(f"--n-prompts {cfg['n_prompts']}: {e}")
         if rank == 0:
             write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_dpo.jsonl"), pairs)
     if cfg["loss"] == "kto" and unpaired is None:

@@ -477,7 +477,10 @@ def load_prompts(cfg):
         except DataError as e:
             fail(str(e))
     per = max(1, cfg["n_prompts"] // len(tasks.FAMILIES))
-    task_list = [t for f in tasks.FAMILIES for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"])]
+    try:
+        task_list = [t for f in tasks.FAMILIES for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"])]
+    except tasks.TaskSpaceError as e:
+        fail(f"--n-prompts {cfg['n_prompts']} ({per} a family): {e}")
     return [t.prompt for t in task_list], {t.prompt: t for t in task_list}
 
 

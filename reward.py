@@ -280,13 +280,16 @@ def train_and_val_pairs(cfg, sft, tok, rank):
         random.Random(cfg["seed"]).shuffle(pairs)
         n_val = max(1, int(len(pairs) * cfg["val_frac"])) if len(pairs) > 1 else 0
         return pairs[n_val:], pairs[:n_val]
-    train = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"], cfg["label_noise"],
-                                    k=cfg["samples"], pairing=cfg["pairing"])
-    # held out: val prompts sampled and paired as the train ones (each of a prompt's K(K-1)/2 pairs
-    # is a comparison of two independent samples, as one pair of two would be: the same expected
-    # accuracy, from ~6x the pairs; one pair a prompt left a 95% interval of +-5 points)
-    val = sample_preference_pairs(sft, tok, cfg["n_val_prompts"], cfg["seed"], cfg["temperature"], split="val",
-                                  k=cfg["samples"], pairing=cfg["pairing"])
+    try:
+        train = sample_preference_pairs(sft, tok, cfg["n_prompts"], cfg["seed"], cfg["temperature"],
+                                        cfg["label_noise"], k=cfg["samples"], pairing=cfg["pairing"])
+        # held out: val prompts sampled and paired as the train ones (each of a prompt's K(K-1)/2
+        # pairs is a comparison of two independent samples, as one pair of two would be: the same
+        # expected accuracy, from ~6x the pairs; one pair a prompt left a 95% interval of +-5 points)
+        val = sample_preference_pairs(sft, tok, cfg["n_val_prompts"], cfg["seed"], cfg["temperature"], split="val",
+                                      k=cfg["samples"], pairing=cfg["pairing"])
+    except tasks.TaskSpaceError as e:
+        fail(f"--n-prompts {cfg['n_prompts']} / --n-val-prompts {cfg['n_val_prompts']}: {e}")
     if rank == 0:
         write_pairs(os.path.join(os.path.dirname(cfg["out"]) or ".", "prefs_reward.jsonl"), train)
     return train, val

@@ -148,7 +148,10 @@ def load_pool(cfg):
     knobs = dict(math=dict(digits=cfg["math_digits"] or None, steps=cfg["math_steps"] or None),
                  tool=dict(digits=cfg["tool_digits"]), code=dict(level=cfg["code_level"]))
     per = max(1, cfg["n_prompts"] // len(mix))
-    return [t for f in mix for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"], **knobs[f])]
+    try:
+        return [t for f in mix for t in tasks.make_tasks(f, "train", per, seed=cfg["seed"], **knobs[f])]
+    except tasks.TaskSpaceError as e:
+        fail(f"--n-prompts {cfg['n_prompts']} with --mix {cfg['mix']} ({per} a family share): {e}")
 
 
 def draw_prompts(pool, bucket, p, n, cfg, gen):

@@ -56,7 +56,10 @@ def load_conversations(cfg):
 def val_conversations(n):
     """Clean reference answers to val-split tasks, for the val loss."""
     per = max(1, n // len(tasks.FAMILIES))
-    return [t.messages() + t.reference for f in tasks.FAMILIES for t in tasks.make_tasks(f, "val", per, seed=7)]
+    try:
+        return [t.messages() + t.reference for f in tasks.FAMILIES for t in tasks.make_tasks(f, "val", per, seed=7)]
+    except tasks.TaskSpaceError as e:
+        fail(f"--n-val {n} ({per} a family): {e}")
 
 
 def encode_all(tok, conversations, block_size):

@@ -324,6 +324,11 @@ def _sample_split(family: str, split: str, rng, **knobs) -> Task:
             return task
 
 
+class TaskSpaceError(ValueError):
+    """More distinct tasks asked of a family's split than it holds: a count set too high (the
+    stage scripts turn it into a one-line error naming their flag)."""
+
+
 def make_tasks(family: str, split: str, n: int, seed: int = 0, allow_fewer: bool = False, **knobs) -> list[Task]:
     """n tasks of `family` with distinct prompts, all in `split`; deterministic given seed (the
     first k of n are the k a request for k returns). A split holding fewer than n distinct prompts
@@ -344,7 +349,7 @@ def make_tasks(family: str, split: str, n: int, seed: int = 0, allow_fewer: bool
                 return out
     if allow_fewer:
         return out
-    raise ValueError(f"{family}: found only {len(out)} distinct {split} prompts, asked for {n} "
+    raise TaskSpaceError(f"{family}: found only {len(out)} distinct {split} prompts, asked for {n} "
                      f"(knobs {knobs}); the task space is too small")
 
 

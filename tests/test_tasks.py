@@ -88,13 +88,33 @@ def test_eval_tasks_fixed():
 
 def test_eval_tasks_takes_all_of_a_small_split():
     """The gpu presets ask for 100-200 tasks a family; code and safety's test splits hold fewer."""
-    with pytest.raises(ValueError, match="found only"):
+    with pytest.raises(tasks.TaskSpaceError, match="found only"):
         make_tasks("safety", "test", 200, seed=1234)
     counts = {f: sum(t.family == f for t in eval_tasks("test", 200)) for f in FAMILIES}
     assert counts["math"] == counts["tool"] == 200
     assert 50 < counts["safety"] < 200 and 50 < counts["code"] < 200
     small = [t.prompt for t in eval_tasks("test", 50) if t.family == "code"]
     assert small == [t.prompt for t in eval_tasks("test", 200) if t.family == "code"][:50]
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("sft", ["--n-val", "800"], "--n-val 800"),
+    ("reward", ["--n-prompts", "4000"], "--n-prompts 4000"),
+    ("dpo", ["--n-prompts", "4000"], "--n-prompts 4000"),
+    ("grpo", ["--n-prompts", "4000", "--reward", "gold"], "--n-prompts 4000"),  # ppo.py loads its prompts here too
+    ("rlvr", ["--n-prompts", "4000", "--mix", "code:1"], "--n-prompts 4000"),
+    ("distill", ["--mode", "seq", "--seq-prompts", "9000", "--student-init", "random"], "--seq-prompts 9000"),
+])
+def test_a_count_beyond_the_world_names_its_flag(script, args, flag, tiny_sft, tmp_path, capsys):
+    """More distinct prompts asked of a split than it holds (code's train split: 700): a one-line
+    error naming the flag and the family, exit code 2, not a traceback."""
+    import importlib
+    init = tiny_sft / ("base.pt" if script == "sft" else "sft.pt")
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(["--preset", "tiny", "--init", str(init), "--out", str(tmp_path / "x.pt"),
+                                              *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {flag}") and "found only" in err
 
 
 # ----------------------------------------------------------------------------- references
