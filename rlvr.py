@@ -62,7 +62,7 @@ DEFAULTS = dict(
     # greedy eval, 200 tasks a family (all 84 code and 67 safety tasks): math's 95% interval is
     # ±6 points, where 50 gave ±12. pass@k on 100 problems a family (all 84 of code), 16 samples
     # each: on 20 the code test split's templates are too few to see a change (PPO -> RLVR code
-    # pass@1 0.750 -> 0.747 on 20; 0.722 -> 0.783 on all 84, 0.714 -> 0.769 at another seed)
+    # pass@1 0.750 -> 0.747 on 20, 0.716 -> 0.764 on all 84)
     eval_n=200, passk_problems=100, passk_samples=16, max_train_s=0.0,
     seed=0, device="auto", dtype="bf16",
 )

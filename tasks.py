@@ -350,7 +350,7 @@ def make_tasks(family: str, split: str, n: int, seed: int = 0, allow_fewer: bool
     if allow_fewer:
         return out
     raise TaskSpaceError(f"{family}: found only {len(out)} distinct {split} prompts, asked for {n} "
-                     f"(knobs {knobs}); the task space is too small")
+                         f"(knobs {knobs}); the task space is too small")
 
 
 def eval_tasks(split: str = "test", n_per_family: int = 50, seed: int = 1234) -> list[Task]:
