@@ -2,7 +2,7 @@
 that beat their group.
 
     python grpo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/grpo.pt] [--preset tiny|cpu|gpu]
-                   [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline]
+                   [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline|tree]
                    [--loss-agg token-mean|seq-mean-token-mean|seq-mean-token-sum-norm]
                    [--kl k1|k2|k3|off] [--reward rm|gold|random] [--data prompts.jsonl] [--rollout-chunk N]
 
@@ -15,7 +15,8 @@ The algorithm (GRPO: Shao et al. 2024, "DeepSeekMath", Algorithm 1), as main() r
 Each variant changes one piece: Dr. GRPO (Liu et al. 2025) drops the std and divides the loss by
 a constant length; DAPO (Yu et al. 2025) clips higher (ε_high > ε_low), resamples groups whose
 rewards are all equal (dynamic sampling) and averages over tokens; RLOO (Ahmadian et al. 2024)
-uses the leave-one-out mean; REINFORCE++ (Hu 2025) whitens returns over the whole batch.
+uses the leave-one-out mean; REINFORCE++ (Hu 2025) whitens returns over the whole batch; tree
+(TreeRL, Hou et al. 2025) puts each group's credit on the tokens where its responses part.
 
 Under torchrun each rank samples its share of one prompt list (sample_groups): with --rollout-chunk c
 (c dividing prompts_per_step / world; the tiny preset uses 1) the ranks train exactly as one
@@ -63,7 +64,7 @@ PRESETS = dict(
     gpu=dict(n_prompts=2400, steps=500, prompts_per_step=64, group_size=16, micro_batch=128, lr=1e-5,
              iterations=2, minibatches=4, eval_tasks=100),
 )
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "tree")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -234,6 +235,14 @@ def prefix_tree_advantages(tokens, rewards, group_size):
     root = r.mean(2).expand(-1, group_size, 1)  # V(empty prefix): the group's mean
     before = torch.cat([root, after[..., :-1]], -1)
     return (after - before).view(B, L)
+
+
+def tree_advantages(batch, rewards, group_size):
+    """prefix_tree_advantages on a rollout batch, aligned with its targets: (B, T-1), 0 wherever
+    resp_mask is 0. Response token s of row i is target P + s - 1."""
+    P, mask = batch["prompt_len"], batch["resp_mask"]
+    adv = prefix_tree_advantages(batch["ids"][:, P:], rewards, group_size)
+    return torch.cat([torch.zeros_like(mask[:, :P - 1]), adv], 1) * mask
 
 
 def masked_whiten(x, mask, eps=1e-8):
@@ -685,9 +694,12 @@ def grpo_step(model, train_model, ref_model, opt, tok, prompts, reward_fn, task_
     set_lr(opt, lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"], min_ratio=1.0))  # constant after warmup
     # 1. G samples for each of this rank's prompts, scored by the reward model
     batch, rewards, dropped = sample_groups(model, tok, prompts, reward_fn, cfg, step, rank, world, timer)
-    # 2. advantages: relative to the group (or whitened over the batch for REINFORCE++)
+    # 2. advantages: relative to the group (whitened over the batch for REINFORCE++; placed where
+    #    the group's responses part for tree)
     if cfg["advantage"].startswith("reinforce_pp"):
         adv_tok = reinforce_pp_advantages(rewards, batch["resp_mask"], cfg["advantage"], G)
+    elif cfg["advantage"] == "tree":
+        adv_tok = tree_advantages(batch, rewards, G)
     else:
         adv_tok = group_advantages(rewards, G, cfg["advantage"])[:, None] * batch["resp_mask"]
     # 3. the clipped objective, μ times over the batch; KL(π || π_ref) measured always (the

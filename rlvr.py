@@ -89,7 +89,6 @@ ALGOS = dict(
     ppo=dict(advantage="gae", loss_agg="token-mean", eps_low=0.2, eps_high=0.2, kl="off", beta=0.0,
              kl_reward=0.01, dynamic_sampling=False, overlong="filter"),                 # ppo.ppo_step
 )
-ADVANTAGES = grpo.ADVANTAGES + ("tree",)  # grpo.py's, and the prefix tree's token credit
 CAPS = dict(math=96, code=48, tool=40)  # response budgets, as evaluate.py's MAX_NEW: train what is evaluated
 
 
@@ -104,8 +103,8 @@ def resolve_algo(cfg):
             cfg[k] = str(cfg[k]).lower() in ("1", "true", "yes", "on") if isinstance(v, bool) else type(v)(cfg[k])
     if cfg["overlong"] not in ("filter", "shape", "none") or cfg["loss_agg"] not in grpo.LOSS_AGG:
         fail(f"--overlong filter|shape|none, --loss-agg {grpo.LOSS_AGG}; got {cfg['overlong']!r}, {cfg['loss_agg']!r}")
-    if cfg["algo"] != "ppo" and cfg["advantage"] not in ADVANTAGES:
-        fail(f"--advantage {cfg['advantage']!r}: expected one of {ADVANTAGES}")
+    if cfg["algo"] != "ppo" and cfg["advantage"] not in grpo.ADVANTAGES:
+        fail(f"--advantage {cfg['advantage']!r}: expected one of {grpo.ADVANTAGES}")
     return cfg
 
 
@@ -359,10 +358,8 @@ def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
     the reward on the last sampled token, a -β·k1 KL term on every sampled token (kl_reward > 0),
     and whitens the returns over the batch."""
     mask = batch["resp_mask"]
-    if cfg["advantage"] == "tree":  # response token s of row i is target P + s - 1
-        P = batch["prompt_len"]
-        adv = grpo.prefix_tree_advantages(batch["ids"][:, P:], rewards, cfg["group_size"])
-        return torch.cat([torch.zeros_like(mask[:, :P - 1]), adv], 1) * mask
+    if cfg["advantage"] == "tree":
+        return grpo.tree_advantages(batch, rewards, cfg["group_size"])
     if cfg["advantage"].startswith("reinforce_pp"):
         r = rewards
         if cfg["kl_reward"] > 0:

@@ -121,6 +121,21 @@ def test_prefix_tree_advantages_match_naive_and_telescope():
     assert torch.allclose(adv.sum(1), group_advantages(rewards, G, "dr_grpo").double(), atol=1e-6)
 
 
+def test_tree_advantages_land_on_the_response_targets():
+    """Response token s of row i is target P + s - 1: the tree's credit sits there, 0 on the
+    prompt's targets and wherever resp_mask is 0 (padding, tool output)."""
+    P, G = 3, 3
+    resp = torch.tensor([[5, 6, 0], [5, 7, 0], [5, 7, 8]])
+    ids = torch.cat([torch.tensor([[1, 2, 3]] * G), resp], 1)
+    mask = torch.zeros(G, ids.shape[1] - 1)
+    mask[:, P - 1:] = (resp != 0).float()
+    rewards = torch.tensor([1.0, 0.0, 0.5])
+    got = grpo.tree_advantages(dict(ids=ids, resp_mask=mask, prompt_len=P), rewards, G)
+    want = prefix_tree_advantages(resp, rewards, G) * (resp != 0)
+    assert torch.equal(got[:, :P - 1], torch.zeros(G, P - 1)) and torch.allclose(got[:, P - 1:], want)
+    assert got[0, P].item() == pytest.approx(1 - 0.5)  # token 6 parts from 7: V 1 against the 0.5 of "5"
+
+
 # ----------------------------------------------------------------------------- REINFORCE++
 
 def naive_returns(tok_r, mask):
@@ -388,7 +403,7 @@ def test_grpo_script_smoke(stack, advantage):
                        "--eval-tasks", "1"],
                  dr_grpo=["--loss-agg", "seq-mean-token-sum-norm", "--kl", "off"],
                  rloo=["--loss-agg", "seq-mean-token-mean", "--kl", "k1"],
-                 reinforce_pp=["--kl", "k2"], reinforce_pp_baseline=[])[advantage]
+                 reinforce_pp=["--kl", "k2"], reinforce_pp_baseline=[], tree=[])[advantage]
     argv = ["--preset", "tiny", "--init", stack["sft"], "--out", str(out), "--advantage", advantage] + reward + extra
     if advantage == "grpo":
         run(["grpo.py"] + argv)
