@@ -477,7 +477,8 @@ def evaluate_model(model, tok, cfg, cache):
 
 def print_before_after(before, after):
     keys = ["math_acc", "code_pass1", "tool_acc", "tool_acc_no_tools", "format", "refusal_unsafe", "overrefusal_safe"]
-    passk = sorted((k for k in after if "_pass@" in k), key=lambda k: (k.split("_pass@")[0], int(k.split("@")[1])))
+    # by family; within one, passk_eval's own order of k (a stable sort)
+    passk = sorted((k for k in after if "_pass@" in k), key=lambda k: k.split("_pass@")[0])
     for k in [k for k in keys if k in after] + passk:
         print(f"rlvr: {k:18s} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
     if "math_failures" in after:  # where wrong math answers first go wrong (evaluate.math_failure)

@@ -306,19 +306,23 @@ def test_passk_from_counts_closed_form():
     assert rlvr.passk_from_counts(16, [3], (4,))[4] == pytest.approx(closed(16, 3, 4))
 
 
+def canned_respond(counts):
+    """A stand-in for evaluate.respond: problem i of each family's test split (as tasks.make_tasks
+    gives it when called) gets exactly counts[i] right samples, the rest a wrong answer."""
+    def respond(model_, tok_, task_list, temperature, n_samples, generator=None):
+        out = []
+        for t in task_list:
+            i = [u.prompt for u in tasks.make_tasks(t.family, "test", len(counts), seed=1234)].index(t.prompt)
+            out += [t.reference_text() if j < counts[i] else "Answer: -1" for j in range(n_samples)]
+        return out, [1] * len(out)
+    return respond
+
+
 def test_passk_eval_counts_per_problem(monkeypatch, model, tok):
     """passk_eval with canned samples: problem i of each family has exactly c_i right samples."""
     import evaluate
-    n, counts = 4, [1, 3]
-
-    def canned(model_, tok_, task_list, temperature, n_samples, generator=None):
-        out = []
-        for t in task_list:
-            i = [u.prompt for u in tasks.make_tasks(t.family, "test", 2, seed=1234)].index(t.prompt)
-            out += [t.reference_text() if j < counts[i] else "Answer: -1" for j in range(n_samples)]
-        return out, [1] * len(out)
-
-    monkeypatch.setattr(evaluate, "respond", canned)
+    n = 4
+    monkeypatch.setattr(evaluate, "respond", canned_respond([1, 3]))
     got = rlvr.passk_eval(model, tok, n_problems=2, n_samples=n, ks=(1, 2, 4))
     for f in ("math", "code", "tool"):
         assert got[f"{f}_pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
@@ -330,20 +334,12 @@ def test_passk_eval_family_with_fewer_problems(monkeypatch, model, tok):
     """A family whose test split holds fewer than n_problems (code holds 84) is scored on the
     problems it has, and the families after it on their own problems, not shifted onto its."""
     import evaluate
-    n, counts = 4, [1, 3]
+    n = 4
     real = tasks.make_tasks
     few = lambda f, split, k, seed=0, allow_fewer=False, **kw: real(f, split, 1 if f == "code" else k, seed,
                                                                    allow_fewer, **kw)
     monkeypatch.setattr(tasks, "make_tasks", few)
-
-    def canned(model_, tok_, task_list, temperature, n_samples, generator=None):
-        out = []
-        for t in task_list:
-            i = [u.prompt for u in few(t.family, "test", 2, seed=1234)].index(t.prompt)
-            out += [t.reference_text() if j < counts[i] else "Answer: -1" for j in range(n_samples)]
-        return out, [1] * len(out)
-
-    monkeypatch.setattr(evaluate, "respond", canned)
+    monkeypatch.setattr(evaluate, "respond", canned_respond([1, 3]))
     got = rlvr.passk_eval(model, tok, n_problems=2, n_samples=n, ks=(1,))
     assert got["math_pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
     assert got["code_pass@1"] == pytest.approx(1 / 4)  # its one problem, with 1 right sample of 4
