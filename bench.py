@@ -262,7 +262,7 @@ def rl_step_breakdown(algo, device, quick, preset="cpu", init=None):
         prompts, task_of = grpo.load_prompts(cfg)
         reward_fn = grpo.make_reward(cfg, task_of, device)
         critic = ppo.make_critic(cfg, model, tok, device)[0] if algo == "ppo" else None
-    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device, final_norm_lr=cfg["final_norm_lr"])
     if algo == "ppo":
         copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
         kl_coef = [cfg["kl_coef"]]

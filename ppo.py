@@ -31,12 +31,14 @@ import grpo
 from common import MetricLog, all_reduce_sum, autocast, fail, lr_at, make_optimizer, parse_config, set_lr, setup
 from model import GPT, CheckpointError, load_checkpoint, save_checkpoint
 
+# final_norm_lr: the final LayerNorm (the logits' scale) on a rate of its own, as in grpo.py. Sampled
+# gold win rate vs the DPO init (4 samples a prompt), KL: without it 0.506, 0.15; with it 0.561, 0.24.
 DEFAULTS = dict(
     init="out/dpo.pt", out="out/ppo.pt", rm="out/rm.pt", reward="rm", data=None, n_prompts=2000,
     critic_init="rm", steps=24, batch_size=64, max_new_tokens=96, temperature=1.0,
     epochs=2, minibatches=2, micro_batch=16, eps_clip=0.2, vf_clip=0.2, gamma=1.0, lam=0.95,
     kl_coef=0.1, kl_target=0.0, kl_horizon=10000, missing_eos_penalty=1.0,
-    lr=1e-5, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
+    lr=1e-5, final_norm_lr=1e-2, critic_lr=1e-4, warmup=3, weight_decay=0.0, grad_clip=1.0,
     gold_every=5, eval_tasks=50, curve=False, bon_prompts=32, bon_n=64, seed=0, device="auto", dtype="bf16",
 )
 PRESETS = dict(
@@ -301,7 +303,8 @@ def train_step(model, train_model, ref_model, critic, opt, copt, tok, prompts, r
         scores = grpo.score(reward_fn, batch, cfg["missing_eos_penalty"])
     exp, stats = ppo_step(train_model, ref_model, critic, opt, copt, batch, scores, kl_coef, cfg, timer)
     kl_seq = float(all_reduce_sum(exp["kl"].sum().reshape(1)) / (len(scores) * world))  # nats per response
-    row = dict(stats, **grpo.rollout_stats(batch, scores), kl_seq=kl_seq, kl_coef=kl_coef)
+    row = dict(stats, **grpo.rollout_stats(batch, scores), kl_seq=kl_seq, kl_coef=kl_coef,
+               logit_scale=grpo.logit_scale(model))
     if cfg["reward"] == "rm":
         row["rm_score"] = row["reward"] + cfg["missing_eos_penalty"] * row["truncated"]  # before the EOS penalty
     if cfg["kl_target"] > 0:
@@ -322,7 +325,7 @@ def main(argv=None, reward_fn=None):
     prompts, task_of = grpo.load_prompts(cfg)
     reward_fn = reward_fn or grpo.make_reward(cfg, task_of, device)
     critic, critic_src = make_critic(cfg, model, tok, device)
-    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device)
+    opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device=device, final_norm_lr=cfg["final_norm_lr"])
     copt = make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], device=device)
     ddp = torch.nn.parallel.DistributedDataParallel
     train_model, train_critic = (ddp(model), ddp(critic)) if world > 1 else (model, critic)

@@ -435,3 +435,27 @@ def test_bad_flag_and_bad_data_fail_cleanly(stack, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             grpo.main(["--preset", "tiny", "--init", stack["sft"], "--reward", "gold", "--out", str(tmp_path / "x.pt")] + args)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_final_norm_lr_moves_the_logits_scale_at_its_own_rate():
+    """make_optimizer(final_norm_lr=...): transformer.ln_f, which sets the logits' scale, gets a
+    group of its own whose rate keeps its ratio to the base rate through set_lr's schedule. Adam's
+    first step moves every weight by its group's rate (m / sqrt(v) = ±1), so one step shows it."""
+    from common import make_optimizer, set_lr
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    plain = make_optimizer(m, 1e-5)
+    assert len(plain.param_groups) == 2 and {g["lr"] for g in plain.param_groups} == {1e-5}
+    opt = make_optimizer(m, 1e-5, final_norm_lr=1e-2)
+    owned = [p for g in opt.param_groups for p in g["params"]]
+    assert len(owned) == len({id(p) for p in owned}) == len(list(m.parameters()))  # each weight once
+    set_lr(opt, 5e-6)  # mid-warmup: half the base rate, for the final norm too
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    m.logits(torch.randint(0, 64, (2, 8))).logsumexp(-1).sum().backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in m.named_parameters()}
+    assert moved["transformer.ln_f.weight"] == pytest.approx(5e-3, rel=1e-3)
+    assert moved["transformer.ln_f.bias"] == pytest.approx(5e-3, rel=1e-3)
+    assert moved["transformer.h.0.ln_1.weight"] == pytest.approx(5e-6, rel=2e-2)  # float32 rounding at 1.0
+    assert moved["transformer.h.1.mlp.c_fc.weight"] == pytest.approx(5e-6, rel=2e-2)  # + weight decay
