@@ -5,6 +5,7 @@ that beat their group.
                    [--advantage grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline|tree]
                    [--loss-agg token-mean|seq-mean-token-mean|seq-mean-token-sum-norm]
                    [--kl k1|k2|k3|off] [--reward rm|gold|random] [--data prompts.jsonl] [--rollout-chunk N]
+                   [--final-norm-lr 2e-2]
 
 The algorithm (GRPO: Shao et al. 2024, "DeepSeekMath", Algorithm 1), as main() runs it:
     for each step:

@@ -2,7 +2,7 @@
 
     python ppo.py [--init out/dpo.pt] [--rm out/rm.pt] [--out out/ppo.pt] [--preset tiny|cpu|gpu]
                   [--critic-init rm|policy] [--kl-coef 0.05] [--kl-target 0 (fixed) | >0 (adaptive)]
-                  [--reward rm|gold|random] [--data prompts.jsonl] [--curve true]
+                  [--reward rm|gold|random] [--data prompts.jsonl] [--curve true] [--final-norm-lr 1e-2]
 
 The loop (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022), each step:
     1. rollout   one response per prompt from the policy (KV-cache sampler, temperature T)
