@@ -23,7 +23,7 @@ Under torchrun each rank samples its share of one prompt list (sample_groups): w
 (c dividing prompts_per_step / world; the tiny preset uses 1) the ranks train exactly as one
 process would, up to float rounding (tests/test_ddp.py).
 
-rollout / policy_logprobs / group_advantages / update are reused by rlvr.py; ppo.py reuses the
+rollout / policy_logprobs / token_advantages / update are reused by rlvr.py; ppo.py reuses the
 kernels, update (for its policy) and the prompt / reward / evaluation helpers below them.
 """
 import contextlib
@@ -245,6 +245,18 @@ def tree_advantages(batch, rewards, group_size):
     P, mask = batch["prompt_len"], batch["resp_mask"]
     adv = prefix_tree_advantages(batch["ids"][:, P:], rewards, group_size)
     return torch.cat([torch.zeros_like(mask[:, :P - 1]), adv], 1) * mask
+
+
+def token_advantages(rewards, batch, kind, group_size):
+    """(B, T-1) advantage of each target token of a rollout batch, 0 wherever resp_mask is 0, for
+    any of ADVANTAGES: the group kinds give every token of response i its A_i, tree gives each
+    token what it added to its prefix's value, REINFORCE++ whitens returns over the batch (its
+    rewards may also be (B, T-1) token rewards, rlvr.py's KL-in-the-reward)."""
+    if kind.startswith("reinforce_pp"):
+        return reinforce_pp_advantages(rewards, batch["resp_mask"], kind, group_size)
+    if kind == "tree":
+        return tree_advantages(batch, rewards, group_size)
+    return group_advantages(rewards, group_size, kind)[:, None] * batch["resp_mask"]
 
 
 def masked_whiten(x, mask, eps=1e-8):
@@ -704,12 +716,7 @@ def grpo_step(model, train_model, ref_model, opt, tok, prompts, reward_fn, task_
     batch, rewards, dropped = sample_groups(model, tok, prompts, reward_fn, cfg, step, rank, world, timer)
     # 2. advantages: relative to the group (whitened over the batch for REINFORCE++; placed where
     #    the group's responses part for tree)
-    if cfg["advantage"].startswith("reinforce_pp"):
-        adv_tok = reinforce_pp_advantages(rewards, batch["resp_mask"], cfg["advantage"], G)
-    elif cfg["advantage"] == "tree":
-        adv_tok = tree_advantages(batch, rewards, G)
-    else:
-        adv_tok = group_advantages(rewards, G, cfg["advantage"])[:, None] * batch["resp_mask"]
+    adv_tok = token_advantages(rewards, batch, cfg["advantage"], G)
     # 3. the clipped objective, μ times over the batch; KL(π || π_ref) measured always (the
     #    over-optimisation x-axis), in the loss only when --kl is not off
     with timer("logprobs"):

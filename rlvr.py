@@ -353,21 +353,14 @@ def sample_groups(model, tok, pool, bucket, p, cfg, step, rank, cache):
 
 def advantages(rewards, batch, cfg, old_logp=None, ref_logp=None):
     """(B,T-1) advantage of each target token, 0 wherever resp_mask is 0 (prompt, padding, tool
-    output, filtered rows). Group kinds give every token of response i its A_i; tree gives each
-    token what it added to its prefix's value (grpo.prefix_tree_advantages); REINFORCE++ puts
-    the reward on the last sampled token, a -β·k1 KL term on every sampled token (kl_reward > 0),
-    and whitens the returns over the batch."""
-    mask = batch["resp_mask"]
-    if cfg["advantage"] == "tree":
-        return grpo.tree_advantages(batch, rewards, cfg["group_size"])
-    if cfg["advantage"].startswith("reinforce_pp"):
-        r = rewards
-        if cfg["kl_reward"] > 0:
-            last, any_valid = grpo.last_valid(mask)
-            kl = grpo.kl_estimate(old_logp, ref_logp, "k1") * mask
-            r = (-cfg["kl_reward"] * kl).scatter_add(1, last[:, None], (rewards.float() * any_valid)[:, None])
-        return grpo.reinforce_pp_advantages(r, mask, cfg["advantage"], cfg["group_size"])
-    return grpo.group_advantages(rewards, cfg["group_size"], cfg["advantage"])[:, None] * mask
+    output, filtered rows): grpo.token_advantages, with REINFORCE++'s KL in the reward when
+    kl_reward > 0 (a -β·k1 term on every sampled token, the verdict on the last)."""
+    if cfg["advantage"].startswith("reinforce_pp") and cfg["kl_reward"] > 0:
+        mask = batch["resp_mask"]
+        last, any_valid = grpo.last_valid(mask)
+        kl = grpo.kl_estimate(old_logp, ref_logp, "k1") * mask
+        rewards = (-cfg["kl_reward"] * kl).scatter_add(1, last[:, None], (rewards.float() * any_valid)[:, None])
+    return grpo.token_advantages(rewards, batch, cfg["advantage"], cfg["group_size"])
 
 
 def length_minibatches(batch, n):
