@@ -373,7 +373,7 @@ def test_every_algo_smoke(tiny_sft, tmp_path):
         assert ckpt["config"]["algo"] == ("dapo" if algo == "tree" else algo)
         assert ckpt["config"]["advantage"] == ("tree" if algo == "tree" else rlvr.ALGOS[algo]["advantage"])
         rows = [json.loads(l) for l in open(tmp_path / f"{algo}.jsonl")]
-        assert len(rows) == 2 and {"reward", "zero_adv_groups", "ds_dropped", "truncated", "entropy"} <= set(rows[0])
+        assert len(rows) == 2 and {"reward", "zero_adv_groups", "ds_dropped", "truncated", "entropy", "logit_scale"} <= set(rows[0])
         if algo == rlvr.DEFAULTS["algo"]:
             m = ckpt["metrics"]
             for k in ("math_acc", "code_pass1", "tool_acc", "tool_acc_no_tools", "math_pass@1", "code_pass@1",
