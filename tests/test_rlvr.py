@@ -390,3 +390,16 @@ def test_bad_input_fails_cleanly(tiny_sft, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             rlvr.main(["--preset", "tiny", "--init", str(tiny_sft / "sft.pt"), "--out", str(tmp_path / "x.pt"), *args])
         assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_final_norm_lr_reaches_the_optimizer(tiny_sft, tmp_path, monkeypatch):
+    """--final-norm-lr is handed to make_optimizer (whose per-group rate test_grpo checks), so the
+    final LayerNorm trains at its own rate in rlvr.py as in ppo.py and grpo.py; the critic of
+    --algo ppo keeps one rate."""
+    seen, real = [], rlvr.make_optimizer
+    monkeypatch.setattr(rlvr, "make_optimizer", lambda *a, **k: seen.append(k.get("final_norm_lr", 0.0)) or real(*a, **k))
+    for algo, want in (("dapo", [0.02]), ("ppo", [0.02, 0.0])):
+        seen.clear()
+        rlvr.main(["--preset", "tiny", "--init", str(tiny_sft / "sft.pt"), "--out", str(tmp_path / f"{algo}.pt"),
+                   "--algo", algo, "--eval-n", "0", "--final-norm-lr", "0.02"])
+        assert seen == want, algo
