@@ -48,6 +48,7 @@ from model import save_checkpoint
 # 0.831 (0.789 without), code 0.813 -> 0.886 (0.861), tool 0.899 -> 0.971 (0.929), pass@16 kept.
 # DAPO has no KL term, so nothing but the reward bounds that sharpening: the gpu preset's 10x the
 # steps get a tenth of the rate (unmeasured; the same total movement as the cpu run's).
+#
 # DAPO by default. On an earlier world's PPO checkpoint, 40 steps, greedy math on two sets of 400
 # test problems (make_tasks' seed 0 / `evaluate.py --n 400`): DAPO +9.3 / +9.7 points, and
 # +9.8 / +8.7 at seed 1; GRPO's recipe +5.5 / +8.2. Dynamic sampling is most of it: half of a
